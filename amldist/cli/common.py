@@ -1,0 +1,69 @@
+"""Pieces every command module shares: the parser class and small argument helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from amldist.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def add_command(subparsers, name: str, help_text: str, handler) -> Parser:
+    """Add a sub-command whose parsed args are passed to `handler(args) -> int | None`."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler, command_parser=parser)
+    return parser
+
+
+def add_group(subparsers, name: str, help_text: str):
+    """Add a command that only holds sub-commands (`amldist data ...`); returns its subparsers."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=lambda args: _missing_subcommand(parser), command_parser=parser)
+    return parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
+
+
+def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def existing_dir(text: str) -> Path:
+    """argparse type: a folder that must exist."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    """argparse type: a file that must exist."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a UserError (one line, exit 2) unless `condition` holds."""
+    if not condition:
+        raise UserError(message)

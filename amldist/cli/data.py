@@ -1,0 +1,17 @@
+"""`amldist data ...`: download real datasets, synthesise landmark datasets, write WebDataset shards."""
+
+from __future__ import annotations
+
+import importlib
+
+from amldist.cli.common import add_group
+
+# One module per data sub-command, each exposing `register(data_subparsers)`.
+DATA_COMMAND_MODULES = (
+)
+
+
+def register(subparsers) -> None:
+    data_subparsers = add_group(subparsers, "data", "dataset download, synthesis and sharding")
+    for name in DATA_COMMAND_MODULES:
+        importlib.import_module(name).register(data_subparsers)

@@ -1,0 +1,57 @@
+"""Entry point of the `amldist` console script.
+
+Every command module under amldist.cli exposes `register(subparsers)`. User mistakes surface as
+UserError (or argparse errors) and become one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from amldist import __version__
+from amldist.cli.common import Parser
+from amldist.errors import UserError
+
+# Command modules, in the order `amldist --help` lists them.
+COMMAND_MODULES = (
+    "amldist.cli.data",
+)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="amldist", description="Distributed asymmetric metric learning for image retrieval.")
+    parser.add_argument("--version", action="version", version=f"amldist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as err:
+        sys.stderr.write(f"amldist: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("amldist: interrupted\n")
+        return 130
+
+
+def run() -> None:
+    """Console-script wrapper that exits with main()'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

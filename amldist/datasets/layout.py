@@ -1,0 +1,85 @@
+"""Where each dataset lives under a data root: the cirtorch layout, so existing folders work as-is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amldist.errors import UserError
+
+TRAIN_DATASETS = ("retrieval-SfM-120k", "retrieval-SfM-30k")
+TEST_DATASETS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
+REVISITED_TEST_DATASETS = ("roxford5k", "rparis6k")
+DISTRACTOR_DATASETS = ("revisitop1m",)
+ALL_DATASETS = TRAIN_DATASETS + TEST_DATASETS + DISTRACTOR_DATASETS
+
+# The splits each kind of dataset is made of (shards are written per split).
+TRAIN_SPLITS = ("train", "val", "whiten")
+TEST_SPLITS = ("db", "query")
+DISTRACTOR_SPLITS = ("db",)
+
+
+def check_dataset(name: str, allowed: tuple[str, ...] = ALL_DATASETS) -> str:
+    if name not in allowed:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(allowed)}")
+    return name
+
+
+def dataset_kind(name: str) -> str:
+    """'train', 'test' or 'distractors'."""
+    check_dataset(name)
+    if name in TRAIN_DATASETS:
+        return "train"
+    return "test" if name in TEST_DATASETS else "distractors"
+
+
+def splits_of(name: str) -> tuple[str, ...]:
+    return {"train": TRAIN_SPLITS, "test": TEST_SPLITS, "distractors": DISTRACTOR_SPLITS}[dataset_kind(name)]
+
+
+def cid2filename(cid: str, prefix: str | Path) -> Path:
+    """SfM-120k image path of a cid: prefix/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid (no extension)."""
+    return Path(prefix) / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+
+
+def train_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / "train" / name
+
+
+def train_images_dir(root: str | Path, name: str) -> Path:
+    # retrieval-SfM-30k shares the SfM-120k images (cirtorch links its ims/ to ../retrieval-SfM-120k/ims).
+    return train_dir(root, "retrieval-SfM-120k") / "ims"
+
+
+def train_db_path(root: str | Path, name: str) -> Path:
+    # SfM-30k has only a whitening pkl; its train/val db is the SfM-120k one.
+    base = "retrieval-SfM-120k"
+    return train_dir(root, base) / f"{base}.pkl"
+
+
+def whiten_db_path(root: str | Path, name: str) -> Path:
+    return train_dir(root, name) / f"{name}-whiten.pkl"
+
+
+def test_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / "test" / name
+
+
+def test_images_dir(root: str | Path, name: str) -> Path:
+    return test_dir(root, name) / "jpg"
+
+
+def gnd_path(root: str | Path, name: str) -> Path:
+    return test_dir(root, name) / f"gnd_{name}.pkl"
+
+
+def distractor_dir(root: str | Path, name: str = "revisitop1m") -> Path:
+    return Path(root) / "datasets" / name
+
+
+def distractor_list_path(root: str | Path, name: str = "revisitop1m") -> Path:
+    return distractor_dir(root, name) / f"{name}.txt"
+
+
+def shards_dir(root: str | Path, name: str, image_size: int) -> Path:
+    """Default home of a dataset's shards: ROOT/shards/<name>-<image_size>/ (one folder per split below)."""
+    return Path(root) / "shards" / f"{name}-{image_size}"

@@ -1,0 +1,257 @@
+"""Epoch tuple rules of the paper (§4.1) and cirtorch/aml, as pure numpy functions (no Ray).
+
+Per epoch: draw `query_size` (query, positive) pairs and a random pool of `pool_size` images; then
+- labelled losses (contrastive, triplet, multi-similarity, Contr+): hard negatives, most similar to
+  the anchor first (inner product = similarity (2) sym or (3) asym), skipping the anchor's cluster and
+  taking at most one image per cluster (`select_hard_negatives`);
+- unlabelled losses (RKD, DarkRank): extra examples uniformly at random (`sample_random_examples`);
+- aml's `ts_rand`: random negatives from distinct clusters, never the anchor's (`sample_random_cluster_negatives`);
+- regression: no mining.
+
+The reference (cirtorch) ranks the whole pool for every query and walks the ranking in Python. Here a
+top-k search (faiss, or torch on a GPU) returns only the head of each ranking and one vectorised filter
+picks the negatives; the rare anchors whose top-k holds too few distinct clusters are searched again
+with a wider k, so the result is the same as the full walk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from amldist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUERY_SIZE = 2000
+DEFAULT_POOL_SIZE = 22_000
+DEFAULT_NUM_NEGATIVES = 5
+DISTANCE_EPS = 1e-6  # cirtorch adds it inside the L2 distance of its health figure
+
+# Independent random streams of one epoch, so drawing one never shifts another.
+QUERY_STREAM, POOL_STREAM, RANDOM_STREAM = 0, 1, 2
+
+# search(anchors (Q, D), k) -> (scores (Q, k), positions into the pool (Q, k), -1 where missing),
+# each row sorted by decreasing inner product.
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    """The generator of one (seed, epoch, stream): the same numbers on every process and after restarts."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(stream)]))
+
+
+def sample_epoch_queries(num_pairs: int, query_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions into the (qidxs, pidxs) pair list for this epoch: min(query_size, num_pairs) distinct ones."""
+    _require_positive(num_pairs, "the training split has no query/positive pairs")
+    _require_positive(query_size, f"query size must be > 0, got {query_size}")
+    return rng.permutation(num_pairs)[: min(query_size, num_pairs)].astype(np.int64)
+
+
+def sample_pool(num_images: int, pool_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Image indices of this epoch's negative pool: min(pool_size, num_images) distinct ones."""
+    _require_positive(num_images, "the training split has no images")
+    _require_positive(pool_size, f"pool size must be > 0, got {pool_size}")
+    return rng.permutation(num_images)[: min(pool_size, num_images)].astype(np.int64)
+
+
+def _require_positive(value: int, message: str) -> None:
+    if value <= 0:
+        raise UserError(message)
+
+
+def default_search_k(num_negatives: int, pool_size: int) -> int:
+    """First top-k to try: wide enough that almost every anchor finds its negatives in one search."""
+    return int(min(pool_size, max(64, 20 * num_negatives)))
+
+
+def faiss_flat_search(pool_vecs: np.ndarray) -> SearchFn:
+    """Exact inner-product search over `pool_vecs` (P, D): faiss flat index (GPU when faiss has one)."""
+    from amldist.faiss_index import FlatIPIndex
+
+    index = FlatIPIndex(pool_vecs.shape[1])
+    index.add(pool_vecs)
+    return index.search
+
+
+def torch_topk_search(pool_vecs: np.ndarray, device: str = "cuda", max_scores: int = 1 << 28) -> SearchFn:
+    """Exact inner-product top-k by a float32 matrix product in torch, for a GPU without faiss-gpu.
+
+    The pool (P, D) is copied to `device` once; queries go through in chunks so that no more than
+    `max_scores` scores (1 GiB of float32 by default) exist at a time.
+    """
+    import torch
+
+    pool = torch.as_tensor(np.asarray(pool_vecs, dtype=np.float32), device=device)  # (P, D)
+
+    def search(anchors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), len(pool))
+        chunk = max(1, max_scores // max(1, len(pool)))
+        scores, positions = [], []
+        with torch.no_grad():
+            for start in range(0, len(anchors), chunk):
+                block = torch.as_tensor(np.asarray(anchors[start:start + chunk], dtype=np.float32), device=device)
+                top = torch.topk(block @ pool.T, k, dim=1, largest=True, sorted=True)  # (B, k)
+                scores.append(top.values.cpu().numpy())
+                positions.append(top.indices.cpu().numpy().astype(np.int64))
+        if not scores:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(scores), np.concatenate(positions)
+
+    return search
+
+
+def select_hard_negatives(anchor_vecs: np.ndarray, pool_vecs: np.ndarray, pool_ids: np.ndarray,
+                          pool_clusters: np.ndarray, anchor_clusters: np.ndarray, num_negatives: int,
+                          search_k: int | None = None, search: SearchFn | None = None
+                          ) -> tuple[np.ndarray, float]:
+    """Hard negatives of each anchor: most similar pool images first, one per cluster, never the anchor's.
+
+    anchor_vecs (Q, D), pool_vecs (P, D), pool_ids / pool_clusters (P,), anchor_clusters (Q,).
+    `search` defaults to an exact faiss flat search over pool_vecs; pass a prebuilt one (GPU, torch) to
+    reuse an index across calls. Returns (negatives (Q, num_negatives) image ids, mean L2 distance from
+    the anchors to their negatives, cirtorch's health figure).
+    """
+    anchor_vecs, pool_ids, pool_clusters, anchor_clusters = _check_mining_inputs(
+        anchor_vecs, pool_vecs, pool_ids, pool_clusters, anchor_clusters, num_negatives)
+    search = search or faiss_flat_search(pool_vecs)
+    positions = _search_with_widening(search, anchor_vecs, pool_clusters, anchor_clusters, num_negatives,
+                                      search_k or default_search_k(num_negatives, len(pool_ids)))
+    negatives = pool_ids[positions]  # (Q, N)
+    return negatives, mean_negative_distance(anchor_vecs, pool_vecs, positions)
+
+
+def _check_mining_inputs(anchor_vecs, pool_vecs, pool_ids, pool_clusters, anchor_clusters, num_negatives):
+    anchor_vecs = np.asarray(anchor_vecs, dtype=np.float32)
+    pool_ids = np.asarray(pool_ids, dtype=np.int64)
+    pool_clusters = np.asarray(pool_clusters, dtype=np.int64)
+    anchor_clusters = np.asarray(anchor_clusters, dtype=np.int64)
+    if anchor_vecs.ndim != 2 or pool_vecs.ndim != 2 or anchor_vecs.shape[1] != pool_vecs.shape[1]:
+        raise ValueError(f"anchors {anchor_vecs.shape} and pool {pool_vecs.shape} must be (Q, D) and (P, D)")
+    if not (len(pool_vecs) == len(pool_ids) == len(pool_clusters)):
+        raise ValueError("pool_vecs, pool_ids and pool_clusters must have one row per pool image")
+    if len(anchor_clusters) != len(anchor_vecs):
+        raise ValueError("anchor_clusters must have one entry per anchor")
+    _require_positive(num_negatives, f"number of negatives must be > 0, got {num_negatives}")
+    _require_enough_clusters(pool_clusters, anchor_clusters, num_negatives)
+    return anchor_vecs, pool_ids, pool_clusters, anchor_clusters
+
+
+def _require_enough_clusters(pool_clusters: np.ndarray, anchor_clusters: np.ndarray, needed: int) -> None:
+    """Refuse up front what no search could satisfy: fewer other clusters in the pool than negatives."""
+    distinct = np.unique(pool_clusters)
+    available = len(distinct) - np.isin(anchor_clusters, distinct)  # (Q,)
+    if len(available) and available.min() < needed:
+        raise UserError(f"the mining pool holds only {int(available.min())} clusters besides an anchor's own, "
+                        f"fewer than the {needed} negatives asked for; use a larger pool or fewer negatives")
+
+
+def _search_with_widening(search: SearchFn, anchor_vecs, pool_clusters, anchor_clusters,
+                          num_negatives: int, k: int) -> np.ndarray:
+    """Positions (Q, N) of the negatives; anchors left short by a top-k search are searched again with 2k."""
+    pool_size = len(pool_clusters)
+    chosen = np.full((len(anchor_vecs), num_negatives), -1, dtype=np.int64)
+    todo = np.arange(len(anchor_vecs))
+    k = min(k, pool_size)
+    while True:
+        _, found = search(anchor_vecs[todo], k)  # (T, k) pool positions, best first
+        found = np.asarray(found, dtype=np.int64)
+        valid = found >= 0
+        keys = np.where(valid, pool_clusters[np.maximum(found, 0)], 0)  # (T, k) clusters
+        keep = first_distinct_mask(keys, anchor_clusters[todo], valid)
+        complete, columns = take_first(keep, num_negatives)
+        chosen[todo[complete]] = np.take_along_axis(found[complete], columns, axis=1)
+        todo = todo[~complete]
+        if todo.size == 0:
+            return chosen
+        if k >= pool_size:  # cannot happen after _require_enough_clusters unless search is inexact
+            raise RuntimeError(f"{todo.size} anchors found fewer than {num_negatives} negatives in the full pool")
+        log.debug("widening the search from k=%d to %d for %d anchors", k, min(2 * k, pool_size), todo.size)
+        k = min(2 * k, pool_size)
+
+
+def first_distinct_mask(keys: np.ndarray, forbidden: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per row, mark the first occurrence (in column order) of each key, skipping the row's forbidden key.
+
+    keys (Q, K) int, forbidden (Q,) int, valid (Q, K) bool → keep (Q, K) bool. This is the cirtorch walk
+    ("accept if the cluster is new and not the query's") for all rows at once.
+    """
+    ok = keys != forbidden[:, None]
+    if valid is not None:
+        ok &= valid
+    rows, cols = np.nonzero(ok)
+    values = keys[rows, cols]
+    order = np.lexsort((cols, values, rows))  # by row, then key, then column: a group's first = its earliest
+    rows_sorted, values_sorted = rows[order], values[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = (rows_sorted[1:] != rows_sorted[:-1]) | (values_sorted[1:] != values_sorted[:-1])
+    keep = np.zeros_like(ok)
+    keep[rows[order[starts]], cols[order[starts]]] = True
+    return keep
+
+
+def take_first(keep: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `keep` (Q, K) with at least `count` marks, and the columns (C, count) of their first marks."""
+    rank = np.cumsum(keep, axis=1)  # (Q, K)
+    selected = keep & (rank <= count)
+    complete = selected.sum(axis=1) == count  # (Q,)
+    columns = np.nonzero(selected[complete])[1].reshape(-1, count)  # row-major: in column order
+    return complete, columns
+
+
+def mean_negative_distance(anchor_vecs: np.ndarray, pool_vecs: np.ndarray, positions: np.ndarray) -> float:
+    """Mean over anchors and negatives of sqrt(sum((a - n + 1e-6)^2)), cirtorch's mining health figure."""
+    anchors = np.asarray(anchor_vecs, dtype=np.float32)[:, None, :]  # (Q, 1, D)
+    negatives = np.asarray(pool_vecs[positions.ravel()], dtype=np.float32).reshape(*positions.shape, -1)
+    distances = np.sqrt(((anchors - negatives + DISTANCE_EPS) ** 2).sum(axis=-1))  # (Q, N)
+    return float(distances.mean()) if distances.size else 0.0
+
+
+def sample_random_examples(anchor_ids: np.ndarray, candidate_ids: np.ndarray, num_examples: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Extra examples uniformly at random for the unlabelled losses (RKD, DarkRank): no mining, no labels.
+
+    Returns (Q, num_examples) ids drawn from `candidate_ids`, distinct within a row and never the row's
+    anchor. To keep the tuple size of the labelled losses (anchor, positive, N negatives), ask for N + 1
+    examples when the positive is dropped, N when it is kept.
+    """
+    anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
+    candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+    _require_positive(num_examples, f"number of random examples must be > 0, got {num_examples}")
+    available = len(np.unique(candidate_ids)) - np.isin(anchor_ids, candidate_ids)
+    if len(available) and available.min() < num_examples:
+        raise UserError(f"the pool has only {int(available.min())} images besides an anchor, "
+                        f"fewer than the {num_examples} random examples asked for")
+    return _draw_distinct(candidate_ids, candidate_ids, anchor_ids, num_examples, rng)
+
+
+def sample_random_cluster_negatives(anchor_clusters: np.ndarray, pool_ids: np.ndarray,
+                                    pool_clusters: np.ndarray, num_negatives: int,
+                                    rng: np.random.Generator) -> np.ndarray:
+    """aml's `ts_rand` rule: uniformly random pool images, accepted only from a cluster not yet used
+    (the anchor's own counts as used). Returns (Q, num_negatives) image ids."""
+    anchor_clusters = np.asarray(anchor_clusters, dtype=np.int64)
+    pool_ids = np.asarray(pool_ids, dtype=np.int64)
+    pool_clusters = np.asarray(pool_clusters, dtype=np.int64)
+    _require_positive(num_negatives, f"number of negatives must be > 0, got {num_negatives}")
+    _require_enough_clusters(pool_clusters, anchor_clusters, num_negatives)
+    return _draw_distinct(pool_ids, pool_clusters, anchor_clusters, num_negatives, rng)
+
+
+def _draw_distinct(values: np.ndarray, keys: np.ndarray, forbidden: np.ndarray, count: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Per row, a stream of uniform draws from `values`, accepting a draw only when its key is new and not
+    the row's forbidden key, until `count` are accepted. Rows that run out of draws get a longer stream."""
+    chosen = np.full((len(forbidden), count), -1, dtype=np.int64)
+    todo = np.arange(len(forbidden))
+    draws = 2 * count + 8
+    while todo.size:
+        picks = rng.integers(0, len(values), size=(todo.size, draws))  # (T, draws) positions
+        keep = first_distinct_mask(keys[picks], forbidden[todo])
+        complete, columns = take_first(keep, count)
+        chosen[todo[complete]] = values[np.take_along_axis(picks[complete], columns, axis=1)]
+        todo = todo[~complete]
+        draws *= 2
+    return chosen

@@ -1,0 +1,145 @@
+"""mAP / mP@k on hand-made rankings (values worked out by hand below), protocols, exact ranking."""
+
+import numpy as np
+import pytest
+
+from amldist import evaluate, faiss_index
+
+
+def test_compute_ap_by_hand():
+    # positives at 0-based positions 0 and 2, 2 positives in all:
+    #   j=0, r=0: before = 1, at = 1/1            -> 1
+    #   j=1, r=2: before = 1/2, at = 2/3          -> (1/2 + 2/3) / 2 = 7/12
+    #   AP = (1 + 7/12) / 2 = 19/24
+    assert evaluate.compute_ap(np.array([0, 2]), 2) == pytest.approx(19 / 24)
+    # A positive never retrieved still counts in the denominator: (1 + 0) / 2.
+    assert evaluate.compute_ap(np.array([0]), 2) == pytest.approx(0.5)
+
+
+def test_compute_map_with_junk_and_empty_query():
+    ranks = np.array([
+        [5, 3, 7, 1, 2, 0, 4, 6],
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [0, 1, 2, 3, 4, 5, 6, 7],
+    ])
+    gnd = [
+        {"ok": [3, 2], "junk": [7]},
+        {"ok": [], "junk": [1]},  # no positives: left out of the means
+        {"ok": [0]},
+    ]
+    out = evaluate.compute_map(ranks, gnd, kappas=[1, 5, 10])
+    # Query 0: positives 3, 2 at positions 1, 4; junk 7 at position 2.
+    #   Junk removed: 1 -> 1 (no junk before), 4 -> 3 (one junk before).
+    #   AP: j=0, r=1: (0/1 + 1/2) / 2 = 1/4;  j=1, r=3: (1/3 + 2/4) / 2 = 5/12;  (1/4 + 5/12) / 2 = 1/3
+    #   1-based positions [2, 4], last positive 4:
+    #   P@1: kq = 1, none <= 1 -> 0;  P@5: kq = min(4, 5) = 4 -> 2/4;  P@10: kq = 4 -> 2/4
+    # Query 2: positive first -> AP 1, P@k: kq = min(1, k) = 1 -> 1.
+    assert out["aps"][0] == pytest.approx(1 / 3)
+    assert np.isnan(out["aps"][1])
+    assert out["aps"][2] == pytest.approx(1.0)
+    assert out["num_evaluated"] == 2
+    assert out["mAP"] == pytest.approx((1 / 3 + 1) / 2)
+    np.testing.assert_allclose(out["prs"][0], [0, 0.5, 0.5])
+    np.testing.assert_allclose(out["mP"], [(0 + 1) / 2, (0.5 + 1) / 2, (0.5 + 1) / 2])
+
+
+REVISITED_RANKS = np.array([[4, 1, 6, 0, 3, 2, 5, 7]])
+REVISITED_GND = [{"bbx": [0, 0, 1, 1], "easy": [1], "hard": [0, 5], "junk": [6]}]
+
+
+def test_revisited_protocol_by_hand():
+    out = evaluate.evaluate_ranks(REVISITED_RANKS, REVISITED_GND)
+    # Positions: 4:0 1:1 6:2 0:3 3:4 2:5 5:6 7:7
+    # Easy: ok [1], junk [6, 0, 5] at [2, 3, 6]. 1 at position 1, no junk before -> 1.
+    #   AP = (0 + 1/2) / 2 = 1/4. 1-based [2]: P@1 kq=1 -> 0; P@5 kq=2 -> 1/2; P@10 -> 1/2
+    assert out["easy"] == pytest.approx({"mAP": 25.0, "mP@1": 0.0, "mP@5": 50.0, "mP@10": 50.0})
+    # Medium: ok [1, 0, 5] at [1, 3, 6], junk [6] at 2 -> adjusted [1, 2, 5].
+    #   AP = [(0 + 1/2)/2 + (1/2 + 2/3)/2 + (2/5 + 3/6)/2] / 3 = (1/4 + 7/12 + 9/20) / 3 = 77/180
+    #   1-based [2, 3, 6]: P@1 -> 0; P@5 kq=5 -> 2/5; P@10 kq=min(6,10)=6 -> 3/6
+    assert out["medium"] == pytest.approx({"mAP": 100 * 77 / 180, "mP@1": 0.0, "mP@5": 40.0, "mP@10": 50.0})
+    # Hard: ok [0, 5] at [3, 6], junk [6, 1] at [2, 1] -> adjusted [1, 4].
+    #   AP = [(0 + 1/2)/2 + (1/4 + 2/5)/2] / 2 = (1/4 + 13/40) / 2 = 23/80
+    #   1-based [2, 5]: P@1 -> 0; P@5 kq=5 -> 2/5; P@10 kq=5 -> 2/5
+    assert out["hard"] == pytest.approx({"mAP": 100 * 23 / 80, "mP@1": 0.0, "mP@5": 40.0, "mP@10": 40.0})
+
+
+def test_medium_positives_are_easy_plus_hard():
+    gnd = [{"easy": [3, 1], "hard": [7], "junk": [2]}]
+    medium = evaluate.revisited_gnd(gnd, "medium")[0]
+    assert sorted(medium["ok"]) == [1, 3, 7]
+    assert list(medium["junk"]) == [2]
+    assert sorted(evaluate.revisited_gnd(gnd, "hard")[0]["junk"]) == [1, 2, 3]
+    assert sorted(evaluate.revisited_gnd(gnd, "easy")[0]["junk"]) == [2, 7]
+
+
+def test_old_protocol_uses_ok_and_junk_as_given():
+    ranks = np.array([[2, 0, 1, 3]])
+    gnd = [{"bbx": [0, 0, 1, 1], "ok": [0, 3], "junk": [2]}]
+    out = evaluate.evaluate_ranks(ranks, gnd)
+    # junk 2 at position 0 is removed: 0 at 1 -> 0, 3 at 3 -> 2.
+    #   AP = [1 + (1/2 + 2/3)/2] / 2 = (1 + 7/12) / 2 = 19/24
+    #   1-based [1, 3]: P@1 -> 1; P@5 kq = 3 -> 2/3; P@10 -> 2/3
+    assert list(out) == ["old"]
+    assert out["old"]["mAP"] == pytest.approx(100 * 19 / 24)
+    assert out["old"]["mP@5"] == pytest.approx(100 * 2 / 3)
+
+
+def test_truncated_ranking_counts_missing_positives_as_not_retrieved():
+    ranks = np.array([[0, 5]])  # top-2 of a larger database; positive 9 is beyond it
+    out = evaluate.compute_map(ranks, [{"ok": [0, 9]}], kappas=[1])
+    assert out["aps"][0] == pytest.approx(0.5)  # (1 + 0) / 2
+
+
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_rank_database_is_exact(use_faiss):
+    rng = np.random.default_rng(0)
+    db, queries = rng.standard_normal((50, 8)), rng.standard_normal((4, 8))
+    expected = np.argsort(-(queries @ db.T), axis=1)
+    np.testing.assert_array_equal(evaluate.rank_database(db, queries, use_faiss=use_faiss), expected)
+    np.testing.assert_array_equal(evaluate.rank_database(db, queries, topk=5, use_faiss=use_faiss),
+                                  expected[:, :5])
+
+
+def test_flat_index_accumulates_adds():
+    rng = np.random.default_rng(1)
+    db = rng.standard_normal((30, 4)).astype(np.float32)
+    for use_faiss in (True, False):
+        index = faiss_index.FlatIPIndex(4, use_faiss=use_faiss)
+        index.add(db[:10])
+        index.add(db[10:])
+        assert index.ntotal == 30
+        scores, ids = index.search(db[:2], 3)
+        assert list(ids[:, 0]) == list(np.argmax(db[:2] @ db.T, axis=1))
+        np.testing.assert_allclose(scores[:, 0], np.max(db[:2] @ db.T, axis=1), rtol=1e-5)
+
+
+def test_distractors_push_positives_down():
+    db = np.array([[1.0, 0.0], [0.0, 1.0]])
+    query = np.array([[0.6, 0.8]])  # scores: db0 0.6, db1 0.8
+    gnd = [{"ok": [0], "junk": []}]
+    assert evaluate.evaluate_descriptors(db, query, gnd)["old"]["mAP"] == pytest.approx(25.0)  # positive 2nd
+    distractors = np.array([[0.8, 0.6], [-1.0, 0.0]])  # 0.96 beats it, -0.6 does not
+    ranks = evaluate.rank_with_distractors(db, distractors, query)
+    assert list(ranks[0]) == [2, 1, 0, 3]  # distractors get indices len(db) + j
+    # Positive now third, nothing junk: AP = (0 + 1/3) / 2 = 1/6
+    assert evaluate.evaluate_descriptors(db, query, gnd, distractors)["old"]["mAP"] == pytest.approx(100 / 6)
+
+
+def test_asymmetric_queries_against_teacher_database_differ_from_symmetric():
+    rng = np.random.default_rng(2)
+    teacher_db = rng.standard_normal((20, 16))
+    teacher_db /= np.linalg.norm(teacher_db, axis=1, keepdims=True)
+    rotation, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    student_db = teacher_db @ rotation  # a student that only agrees with itself
+    gnd = [{"ok": [i], "junk": []} for i in range(5)]
+    # Sym: student queries vs student db finds each image first.
+    assert evaluate.evaluate_descriptors(student_db, student_db[:5], gnd)["old"]["mAP"] == pytest.approx(100.0)
+    # Asym: the same student queries vs the teacher db live in another space and fail.
+    assert evaluate.evaluate_descriptors(teacher_db, student_db[:5], gnd)["old"]["mAP"] < 60.0
+    # A student that matches the teacher's coordinates does as well asymmetrically.
+    assert evaluate.evaluate_descriptors(teacher_db, teacher_db[:5], gnd)["old"]["mAP"] == pytest.approx(100.0)
+
+
+def test_bad_ranks_shape_is_rejected():
+    with pytest.raises(ValueError):
+        evaluate.compute_map(np.zeros((2, 3), np.int64), [{"ok": [0]}])

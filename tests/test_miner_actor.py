@@ -1,0 +1,150 @@
+"""The miner: placement options (no Ray), the plain Miner against the library rules, and the Ray actor
+answering like the library, found by name, and surviving a kill with the same answers."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from amldist import mining
+from amldist.errors import UserError
+from amldist.feature_store import write_feature_store
+from amldist.miner_actor import Miner, MissingPoolVectors, choose_backend, miner_options
+
+ray = pytest.importorskip("ray")
+
+NUM_CLUSTERS, PER_CLUSTER, DIM, POOL = 40, 10, 16, 150
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A split of 400 images in 40 clusters, its teacher store, and student anchors.
+
+    Integer-valued vectors (exact in float16 and in float32 products) keep every ranking unambiguous."""
+    rng = np.random.default_rng(11)
+    clusters = np.repeat(np.arange(NUM_CLUSTERS), PER_CLUSTER)
+    centers = rng.integers(-300, 300, size=(NUM_CLUSTERS, DIM))
+    teacher = (centers[clusters] + rng.integers(-60, 60, size=(len(clusters), DIM))).astype(np.float32)
+    root = tmp_path_factory.mktemp("miner")
+    write_feature_store(root / "store", teacher, network="t.pth", network_sha256="0" * 64, architecture="vgg16",
+                        image_size=64, scales=[1.0], dataset="synth", split="train")
+    anchor_ids = rng.choice(len(clusters), 30, replace=False)
+    anchor_vecs = teacher[anchor_ids] + rng.integers(-30, 30, size=(30, DIM)).astype(np.float32)
+    return {"clusters": clusters, "teacher": teacher, "store": str(root / "store"), "root": root,
+            "anchor_ids": anchor_ids, "anchor_vecs": anchor_vecs}
+
+
+def expected_negatives(case, pool_ids, pool_vecs, num_negatives=5):
+    clusters = case["clusters"]
+    return mining.select_hard_negatives(case["anchor_vecs"], pool_vecs, pool_ids, clusters[pool_ids],
+                                        clusters[case["anchor_ids"]], num_negatives)
+
+
+def test_miner_options_follow_cluster_resources():
+    gpu_cluster = miner_options({"CPU": 16, "GPU": 2, "miner": 1}, name="m", max_restarts=5, max_task_retries=4)
+    assert gpu_cluster["num_gpus"] == 1 and gpu_cluster["resources"] == {"miner": 1}
+    assert gpu_cluster["name"] == "m" and gpu_cluster["max_restarts"] == 5 and gpu_cluster["max_task_retries"] == 4
+    assert gpu_cluster["num_cpus"] == 0
+    cpu_cluster = miner_options({"CPU": 2}, namespace="ns", detached=True)
+    assert "num_gpus" not in cpu_cluster and "resources" not in cpu_cluster
+    assert cpu_cluster["namespace"] == "ns" and cpu_cluster["lifetime"] == "detached"
+    assert "num_gpus" not in miner_options({"CPU": 8, "GPU": 0.5})  # a fraction is no whole GPU to hold
+
+
+def test_backend_choice_without_gpu():
+    assert choose_backend("auto") == "faiss-cpu"  # tests run with CUDA hidden and faiss-cpu
+    assert choose_backend("torch-cpu") == "torch-cpu"
+    with pytest.raises(UserError):
+        choose_backend("tpu")
+
+
+@pytest.mark.parametrize("backend", ["faiss-cpu", "torch-cpu"])
+def test_plain_miner_answers_like_the_library(case, backend):
+    miner = Miner(case["clusters"], case["store"], pool_size=POOL, backend=backend)
+    pool_ids = miner.new_epoch(3, seed=7)
+    np.testing.assert_array_equal(
+        pool_ids, mining.sample_pool(len(case["clusters"]), POOL, mining.epoch_rng(7, 3, mining.POOL_STREAM)))
+    got = miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="asym")
+    want = expected_negatives(case, pool_ids, case["teacher"][pool_ids])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == pytest.approx(want[1])
+    student_pool = case["teacher"][pool_ids][:, ::-1].copy()  # any other representation of the pool
+    got_sym = miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="sym", pool_vecs=student_pool)
+    np.testing.assert_array_equal(got_sym[0], expected_negatives(case, pool_ids, student_pool)[0])
+    again = miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="sym")  # pool kept for the epoch
+    np.testing.assert_array_equal(again[0], got_sym[0])
+    assert miner.stats()["mine_calls"] == 3 and miner.stats()["anchors_mined"] == 90
+
+
+def test_plain_miner_random_negatives_and_errors(case):
+    miner = Miner(case["clusters"], case["store"], pool_size=POOL, backend="faiss-cpu")
+    with pytest.raises(RuntimeError, match="new_epoch"):
+        miner.mine(case["anchor_ids"], case["anchor_vecs"], 5)
+    pool_ids = miner.new_epoch(0, seed=1)
+    first = miner.random_negatives(case["anchor_ids"], 5, rule="clusters", key=4)
+    np.testing.assert_array_equal(first, miner.random_negatives(case["anchor_ids"], 5, rule="clusters", key=4))
+    assert not np.array_equal(first, miner.random_negatives(case["anchor_ids"], 5, rule="clusters", key=5))
+    assert np.isin(first, pool_ids).all()
+    assert not (case["clusters"][first] == case["clusters"][case["anchor_ids"]][:, None]).any()
+    uniform = miner.random_negatives(case["anchor_ids"], 6, rule="uniform")
+    assert uniform.shape == (30, 6) and not (uniform == case["anchor_ids"][:, None]).any()
+    with pytest.raises(UserError, match="mode"):
+        miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="both")
+    with pytest.raises(MissingPoolVectors):
+        miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="sym")
+    with pytest.raises(UserError, match="holds 400 images"):
+        Miner(case["clusters"][:-1], case["store"])
+
+
+def test_plain_miner_restores_its_epoch_from_state_dir(case, tmp_path):
+    first = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
+    pool_ids = first.new_epoch(5, seed=2)
+    reborn = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
+    assert reborn.restored and reborn.epoch == 5
+    np.testing.assert_array_equal(reborn.current_pool(), pool_ids)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, resources={"miner": 1}, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def teacher_rows_via_name(name, ids):
+    """What a training worker does: find the miner by name and ask it for rows."""
+    from amldist.miner_actor import get_miner
+
+    return ray.get(get_miner(name).teacher_vectors.remote(ids))
+
+
+def test_actor_answers_like_the_library_and_survives_a_kill(case, ray_session):
+    from amldist.miner_actor import start_miner
+
+    actor = start_miner(case["clusters"], case["store"], name="test-miner", pool_size=POOL,
+                        state_dir=str(case["root"] / "state"))
+    pool_ids = ray.get(actor.new_epoch.remote(2, 9))
+    mined = ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "asym"))
+    want = expected_negatives(case, pool_ids, case["teacher"][pool_ids])
+    np.testing.assert_array_equal(mined[0], want[0])
+    ids = np.array([0, 399, 17])
+    np.testing.assert_array_equal(ray.get(teacher_rows_via_name.remote("test-miner", ids)), case["teacher"][ids])
+    drawn = ray.get(actor.random_negatives.remote(case["anchor_ids"], 5, "clusters", 3))
+    ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "sym", case["teacher"][pool_ids]))
+    before = ray.get(actor.stats.remote())
+    assert before["restored"] is False and ray.available_resources().get("miner", 0) == 0  # it holds the resource
+
+    os.kill(before["pid"], signal.SIGKILL)  # a crash; the next calls are retried once Ray has restarted it
+    again = ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "asym"))
+    after = ray.get(actor.stats.remote())
+    assert after["pid"] != before["pid"] and after["restored"] and after["epoch"] == 2
+    np.testing.assert_array_equal(again[0], mined[0])
+    assert again[1] == pytest.approx(mined[1])
+    np.testing.assert_array_equal(ray.get(actor.current_pool.remote()), pool_ids)
+    np.testing.assert_array_equal(ray.get(actor.random_negatives.remote(case["anchor_ids"], 5, "clusters", 3)),
+                                  drawn)
+    with pytest.raises(MissingPoolVectors):  # student vectors died with the process: the worker resends
+        ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "sym"))
+    ray.kill(actor, no_restart=True)

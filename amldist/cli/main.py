@@ -17,6 +17,7 @@ from amldist.errors import UserError
 # Command modules, in the order `amldist --help` lists them.
 COMMAND_MODULES = (
     "amldist.cli.data",
+    "amldist.cli.nets",
 )
 
 

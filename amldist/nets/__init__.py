@@ -1,0 +1,29 @@
+"""Retrieval networks: backbones, pooling, projection, `RetrievalNet` and its meta."""
+
+from amldist.nets.backbones import ARCHITECTURES, OUTPUT_CHANNELS, STUDENTS, TEACHERS, imagenet_state_dict
+from amldist.nets.meta import IMAGENET_MEAN, IMAGENET_STD, NetMeta
+from amldist.nets.model import RetrievalNet, build_net, create_net, freeze_batchnorm
+from amldist.nets.pooling import MAC, POOLINGS, GeM, SPoC, gem, l2_normalize, mac, spoc
+
+__all__ = [
+    "ARCHITECTURES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAC",
+    "OUTPUT_CHANNELS",
+    "POOLINGS",
+    "STUDENTS",
+    "TEACHERS",
+    "GeM",
+    "NetMeta",
+    "RetrievalNet",
+    "SPoC",
+    "build_net",
+    "create_net",
+    "freeze_batchnorm",
+    "gem",
+    "imagenet_state_dict",
+    "l2_normalize",
+    "mac",
+    "spoc",
+]

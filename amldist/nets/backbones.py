@@ -1,0 +1,109 @@
+"""Convolutional backbones with the classifier removed, laid out as cirtorch and aml lay them out.
+
+The module order fixes the parameter names, so networks saved by cirtorch/aml load unchanged:
+- vgg16: torchvision `features` without the last max-pool (ends in ReLU)     -> features.0 ... features.29
+- resnet18/50/101: torchvision children without avgpool and fc                -> features.0 ... features.7
+- mobilenet_v2, efficientnet_b3: torchvision `features` as one block          -> features.0.*
+- small_cnn: four conv-BN-ReLU layers (tests and the CPU demo)               -> features.0 ... features.11
+A student's 1x1 projection (no bias) and its ReLU follow the backbone inside `features`, as in aml
+(`features.1.weight` for mobilenet_v2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from amldist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Channels of the last feature map (= descriptor dimension without projection).
+OUTPUT_CHANNELS = {
+    "vgg16": 512,
+    "resnet18": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "mobilenet_v2": 1280,
+    "efficientnet_b3": 1536,
+    "small_cnn": 128,
+}
+ARCHITECTURES = tuple(OUTPUT_CHANNELS)
+TEACHERS = ("vgg16", "resnet101")
+STUDENTS = ("mobilenet_v2", "efficientnet_b3")
+
+# The ImageNet weights `pretrained=True` gave when cirtorch/aml were written.
+_IMAGENET_WEIGHTS = "IMAGENET1K_V1"
+OFFLINE_ENV = "AMLDIST_OFFLINE"
+
+
+def check_architecture(architecture: str) -> None:
+    if architecture not in OUTPUT_CHANNELS:
+        raise UserError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def backbone_layers(architecture: str, pretrained: bool) -> list[nn.Module]:
+    """The backbone as the list of modules that start `RetrievalNet.features`."""
+    check_architecture(architecture)
+    if architecture == "small_cnn":
+        if pretrained:
+            log.debug("small_cnn has no pretrained weights; it starts from random weights")
+        return _small_cnn_layers()
+    net = getattr(torchvision.models, architecture)(weights=None)
+    if pretrained:
+        net.load_state_dict(imagenet_state_dict(architecture))
+    if architecture.startswith("vgg"):
+        return list(net.features.children())[:-1]
+    if architecture.startswith("resnet"):
+        return list(net.children())[:-2]
+    return [net.features]
+
+
+def projection_layers(in_channels: int, projection_dim: int) -> list[nn.Module]:
+    """aml's student head: 1x1 convolution without bias, then ReLU (keeps GeM's input non-negative)."""
+    return [nn.Conv2d(in_channels, projection_dim, kernel_size=1, bias=False), nn.ReLU(inplace=True)]
+
+
+def num_backbone_layers(architecture: str) -> int:
+    """Where the projection sits in `features` (its index), without allocating any weights."""
+    with torch.device("meta"):
+        return len(backbone_layers(architecture, pretrained=False))
+
+
+def _small_cnn_layers() -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    widths = (3, 32, 64, 128, OUTPUT_CHANNELS["small_cnn"])
+    for cin, cout in itertools.pairwise(widths):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+                   nn.ReLU(inplace=True)]
+    return layers
+
+
+def hub_checkpoint_path(architecture: str) -> tuple[Path, str]:
+    """Where torch hub keeps (or would keep) the ImageNet weights of `architecture`, and their URL."""
+    url = torchvision.models.get_model_weights(architecture)[_IMAGENET_WEIGHTS].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
+
+
+def imagenet_state_dict(architecture: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights: from the torch hub cache, else downloaded (unless offline)."""
+    cached, url = hub_checkpoint_path(architecture)
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    hint = f"put {cached.name} into {cached.parent} or pass --no-pretrained"
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise UserError(f"no ImageNet weights for {architecture} and {OFFLINE_ENV} is set: {hint}")
+    log.info("downloading ImageNet weights for %s from %s", architecture, url)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                  progress=False, weights_only=True)
+    except (OSError, URLError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot download ImageNet weights for {architecture} ({reason}): {hint}") from None

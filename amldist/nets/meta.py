@@ -1,0 +1,65 @@
+"""The description stored with every network, interchangeable with cirtorch's `meta` dict.
+
+cirtorch and budnikm/aml keep a plain dict in each network file: architecture, pooling, mean, std,
+outputdim, and the flags local_whitening / regional / whitening (plus an optional precomputed
+whitening 'Lw'). `NetMeta` holds the same fields typed, adds `projection_dim` (the student's 1x1
+convolution to the teacher's dimension) and keeps every other key in `extra`, so a file read and
+written again loses nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from amldist.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Keys with a typed field; anything else in a meta dict (e.g. 'Lw') goes to `extra`.
+_TYPED_KEYS = ("architecture", "pooling", "outputdim", "mean", "std", "projection_dim",
+               "local_whitening", "regional", "whitening")
+
+
+@dataclass
+class NetMeta:
+    architecture: str
+    pooling: str
+    outputdim: int
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    projection_dim: int | None = None
+    local_whitening: bool = False
+    regional: bool = False
+    whitening: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A cirtorch-compatible meta dict (cirtorch reads the keys it knows and ignores the rest)."""
+        meta = {key: getattr(self, key) for key in _TYPED_KEYS}
+        meta["mean"], meta["std"] = list(self.mean), list(self.std)
+        meta.update(self.extra)
+        return meta
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any], projection_dim: int | None = None) -> NetMeta:
+        """Read a cirtorch/aml/amldist meta dict; `projection_dim` fills in files that predate the key."""
+        if not isinstance(meta, dict):
+            raise UserError(f"network meta must be a dict, found {type(meta).__name__}")
+        missing = [key for key in ("architecture", "pooling", "mean", "std") if key not in meta]
+        if missing:
+            raise UserError(f"network meta lacks the key(s) {', '.join(missing)}")
+        stored_projection = meta.get("projection_dim")
+        return cls(
+            architecture=str(meta["architecture"]),
+            pooling=str(meta["pooling"]),
+            outputdim=int(meta.get("outputdim", 0)),
+            mean=[float(v) for v in meta["mean"]],
+            std=[float(v) for v in meta["std"]],
+            projection_dim=int(stored_projection) if stored_projection is not None else projection_dim,
+            local_whitening=bool(meta.get("local_whitening", False)),
+            regional=bool(meta.get("regional", False)),
+            whitening=bool(meta.get("whitening", False)),
+            extra={key: value for key, value in meta.items() if key not in _TYPED_KEYS},
+        )

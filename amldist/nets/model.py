@@ -1,0 +1,95 @@
+"""`RetrievalNet`: backbone (+ optional 1x1 projection) -> global pooling -> L2N (-> optional whitening)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from amldist.errors import UserError
+from amldist.nets.backbones import OUTPUT_CHANNELS, backbone_layers, check_architecture, projection_layers
+from amldist.nets.meta import NetMeta
+from amldist.nets.padding import PaddedForward, valid_mask
+from amldist.nets.pooling import POOLINGS, l2_normalize
+
+GEM_LR_MULTIPLIER = 10.0  # cirtorch trains GeM's p ten times faster, without weight decay
+
+
+class RetrievalNet(nn.Module):
+    """Maps images (B, 3, H, W) to L2-normalised descriptors (B, D), one row per image.
+
+    Parameter names follow cirtorch (`features.N...`, `pool.p`, `whiten.weight`), so cirtorch and aml
+    network files load into it directly.
+    """
+
+    def __init__(self, features: nn.Sequential, pool: nn.Module, meta: NetMeta, whiten: nn.Linear | None = None):
+        super().__init__()
+        self.features = features
+        self.pool = pool
+        self.whiten = whiten
+        self.meta = meta
+        self._padded = PaddedForward()
+
+    def forward(self, x: Tensor, valid_hw: Tensor | None = None) -> Tensor:
+        """x: (B, 3, H, W); valid_hw: (B, 2) long, each image's (h, w) before zero-padding (bottom/right)."""
+        if valid_hw is None or bool((valid_hw == valid_hw.new_tensor(x.shape[-2:])).all()):
+            pooled = self.pool(self.features(x))  # (B, C)
+        else:
+            with self._padded.masking(self.features, x, valid_hw) as out_hw:
+                fmap = self.features(x)  # (B, C, h, w)
+            pooled = self.pool(fmap, valid_mask(out_hw, fmap.shape[-2], fmap.shape[-1]))
+        descriptors = l2_normalize(pooled)  # (B, D)
+        if self.whiten is not None:
+            descriptors = l2_normalize(self.whiten(descriptors))
+        return descriptors
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """cirtorch's optimiser groups: features; GeM p at lr x 10 without weight decay; whitening."""
+        groups = [{"params": list(self.features.parameters()), "lr": lr, "weight_decay": weight_decay}]
+        pool_params = list(self.pool.parameters())
+        if pool_params:
+            groups.append({"params": pool_params, "lr": lr * GEM_LR_MULTIPLIER, "weight_decay": 0.0})
+        if self.whiten is not None:
+            groups.append({"params": list(self.whiten.parameters()), "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    def extra_repr(self) -> str:
+        meta = self.meta
+        return f"architecture={meta.architecture}, pooling={meta.pooling}, outputdim={meta.outputdim}"
+
+
+def create_net(architecture: str, pooling: str = "gem", projection_dim: int | None = None,
+               pretrained: bool = True, whitening: bool = False) -> RetrievalNet:
+    """Build a retrieval network. `projection_dim` adds the student's 1x1 conv + ReLU to that dimension
+    (the teacher's d); `whitening` adds cirtorch's learned FC whitening (the '-w' networks)."""
+    check_architecture(architecture)
+    meta = NetMeta(architecture=architecture, pooling=pooling,
+                   outputdim=projection_dim or OUTPUT_CHANNELS[architecture],
+                   projection_dim=projection_dim, whitening=whitening)
+    return build_net(meta, pretrained=pretrained)
+
+
+def build_net(meta: NetMeta, pretrained: bool = False) -> RetrievalNet:
+    """Build the network a meta describes (weights random unless `pretrained`)."""
+    check_architecture(meta.architecture)
+    if meta.pooling not in POOLINGS:
+        raise UserError(f"unknown pooling {meta.pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if meta.local_whitening or meta.regional:
+        raise UserError("networks with local whitening or regional pooling are not supported")
+    channels = OUTPUT_CHANNELS[meta.architecture]
+    layers = backbone_layers(meta.architecture, pretrained)
+    if meta.projection_dim is not None:
+        if meta.projection_dim <= 0:
+            raise UserError(f"projection dimension must be > 0, got {meta.projection_dim}")
+        layers += projection_layers(channels, meta.projection_dim)
+        channels = meta.projection_dim
+    meta.outputdim = channels
+    whiten = nn.Linear(channels, channels, bias=True) if meta.whitening else None
+    return RetrievalNet(nn.Sequential(*layers), POOLINGS[meta.pooling](), meta, whiten)
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm in eval mode: running statistics stay fixed, affine weights still train.
+    Call after `model.train()`, as the reference does."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model

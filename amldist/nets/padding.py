@@ -1,0 +1,129 @@
+"""Exact forward passes of zero-padded batches.
+
+Images of different sizes are zero-padded (bottom/right) to one shape. Pooling over only the valid
+region is not enough: every convolution near the padding edge would read padded activations where the
+lone image reads its convolution's zero padding. So, for the duration of a padded forward, each
+spatial layer (convolutions, pooling layers, squeeze-excitation averages) gets a hook that resets its
+input outside the image's valid region to what a lone image's padding holds (0, or -inf for max
+pooling). The valid size at each layer comes from one shape-only forward per distinct image size on
+the `meta` device (no memory, no arithmetic), cached. Batched embeddings then equal one-at-a-time
+embeddings up to float rounding, as long as BatchNorm uses running statistics (eval or frozen BN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
+
+import torch
+from torch import Tensor, nn
+
+from amldist.nets.pooling import masked_adaptive_avg, max_pool_padding_value
+
+_SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+_MAX_POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_CACHE_LIMIT = 4096
+
+Size = tuple[int, int]
+
+
+def spatial_modules(features: nn.Module) -> list[nn.Module]:
+    """The layers whose output at a position depends on neighbouring positions."""
+    return [m for m in features.modules() if isinstance(m, _SPATIAL)]
+
+
+def trace_sizes(features: nn.Module, layers: list[nn.Module], in_channels: int, size: Size
+                ) -> tuple[list[Size | None], Size]:
+    """Input (h, w) of each layer in `layers` and the output (h, w), for one image of `size`."""
+    seen: dict[int, Size] = {}
+
+    def record(module, args):
+        seen[id(module)] = tuple(args[0].shape[-2:])
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    shapes_only = {name: torch.empty_like(t, device="meta")
+                   for name, t in chain(features.named_parameters(), features.named_buffers())}
+    try:
+        with torch.no_grad():
+            image = torch.empty(1, in_channels, *size, device="meta")
+            out = torch.func.functional_call(features, shapes_only, (image,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen.get(id(layer)) for layer in layers], tuple(out.shape[-2:])
+
+
+def valid_mask(valid_hw: Tensor, height: int, width: int) -> Tensor:
+    """(B, 2) valid sizes -> (B, 1, H, W) bool, True inside each image's top-left valid region."""
+    rows = torch.arange(height, device=valid_hw.device)[None, :] < valid_hw[:, :1]  # (B, H)
+    cols = torch.arange(width, device=valid_hw.device)[None, :] < valid_hw[:, 1:]  # (B, W)
+    return (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)
+
+
+class PaddedForward:
+    """Per-network helper: cached size traces and the masking hooks for padded batches."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Size, tuple[list[Size | None], Size]] = {}
+
+    def sizes(self, features: nn.Module, layers: list[nn.Module], in_channels: int, size: Size):
+        key = (in_channels, *size)
+        if key not in self._cache:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = trace_sizes(features, layers, in_channels, size)
+        return self._cache[key]
+
+    @contextmanager
+    def masking(self, features: nn.Module, x: Tensor, valid_hw: Tensor) -> Iterator[Tensor]:
+        """Install masking hooks for a forward of `x` (B, C, H, W); yields the output valid sizes (B, 2)."""
+        layers = spatial_modules(features)
+        per_image = [self.sizes(features, layers, x.shape[1], (int(h), int(w))) for h, w in valid_hw.tolist()]
+        layer_sizes = [[image_sizes[i] for image_sizes, _ in per_image] for i in range(len(layers))]
+        masks: dict[tuple, Tensor] = {}
+
+        def mask_for(index: int, height: int, width: int) -> Tensor | None:
+            sizes = layer_sizes[index]
+            if any(s is None for s in sizes) or all(s == (height, width) for s in sizes):
+                return None
+            key = (height, width, tuple(sizes))
+            if key not in masks:
+                masks[key] = valid_mask(torch.tensor(sizes, device=x.device), height, width)
+            return masks[key]
+
+        handles = [_install(layer, index, mask_for) for index, layer in enumerate(layers)]
+        try:
+            yield torch.tensor([out_size for _, out_size in per_image], device=x.device)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _install(layer: nn.Module, index: int, mask_for):
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return layer.register_forward_hook(_average_hook(layer, index, mask_for))
+    return layer.register_forward_pre_hook(_input_hook(index, mask_for, isinstance(layer, _MAX_POOLS)))
+
+
+def _input_hook(index: int, mask_for, is_max_pool: bool):
+    def hook(module, args):
+        x = args[0]
+        mask = mask_for(index, x.shape[-2], x.shape[-1])
+        if mask is None:
+            return None
+        fill = max_pool_padding_value(x) if is_max_pool else 0.0
+        return (x.masked_fill(~mask, fill), *args[1:])
+    return hook
+
+
+def _average_hook(layer: nn.AdaptiveAvgPool2d, index: int, mask_for):
+    def hook(module, args, output):
+        x = args[0]
+        mask = mask_for(index, x.shape[-2], x.shape[-1])
+        if mask is None:
+            return None
+        if output.shape[-2:] != (1, 1):
+            raise NotImplementedError("padded batches support AdaptiveAvgPool2d only with output size 1")
+        return masked_adaptive_avg(x, mask)
+    return hook

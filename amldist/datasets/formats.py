@@ -64,8 +64,22 @@ class GroundTruth:
         return "revisited" if self.gnd and "easy" in self.gnd[0] else "old"
 
 
+def _as_array(values: Any, dtype: type, what: str, source: Path) -> np.ndarray:
+    """A flat numpy array of `values`, or a UserError naming the field when they are not numbers."""
+    try:
+        return np.asarray(values, dtype=dtype).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{source}: {what} is not a flat list of numbers") from None
+
+
+def _as_list(values: Any, what: str, source: Path) -> list:
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise UserError(f"{source}: {what} is a {type(values).__name__}, expected a list")
+    return list(values)
+
+
 def _index_array(values: Any, upper: int, what: str, source: Path) -> np.ndarray:
-    array = np.asarray(values, dtype=np.int64).reshape(-1)
+    array = _as_array(values, np.int64, what, source)
     if array.size and (array.min() < 0 or array.max() >= upper):
         raise UserError(f"{source}: {what} holds an index outside [0, {upper})")
     return array
@@ -81,8 +95,8 @@ def _require_keys(obj: Any, keys: tuple[str, ...], what: str, source: Path) -> N
 
 def _parse_split(raw: Any, name: str, source: Path) -> SfmSplit:
     _require_keys(raw, ("cids", "cluster", "qidxs", "pidxs"), f"split {name!r}", source)
-    cids = [str(c) for c in raw["cids"]]
-    cluster = np.asarray(raw["cluster"], dtype=np.int64).reshape(-1)
+    cids = [str(c) for c in _as_list(raw["cids"], f"{name}.cids", source)]
+    cluster = _as_array(raw["cluster"], np.int64, f"{name}.cluster", source)
     if len(cluster) != len(cids):
         raise UserError(f"{source}: split {name!r} has {len(cids)} cids but {len(cluster)} cluster ids")
     qidxs = _index_array(raw["qidxs"], len(cids), f"{name}.qidxs", source)
@@ -114,7 +128,7 @@ def read_whiten_db(path: str | Path) -> WhitenDb:
     path = Path(path)
     raw = safe_load(path)
     _require_keys(raw, ("cids", "qidxs", "pidxs"), "whitening db", path)
-    cids = [str(c) for c in raw["cids"]]
+    cids = [str(c) for c in _as_list(raw["cids"], "cids", path)]
     qidxs = _index_array(raw["qidxs"], len(cids), "qidxs", path)
     pidxs = _index_array(raw["pidxs"], len(cids), "pidxs", path)
     if len(qidxs) != len(pidxs):
@@ -130,7 +144,7 @@ def write_whiten_db(path: str | Path, db: WhitenDb) -> None:
 def _parse_query(raw: Any, i: int, num_db: int, source: Path) -> dict[str, Any]:
     keys = REVISITED_KEYS if isinstance(raw, dict) and "easy" in raw else OLD_KEYS
     _require_keys(raw, ("bbx",) + keys[:-1], f"gnd[{i}]", source)
-    query = {"bbx": np.asarray(raw["bbx"], dtype=np.float64).reshape(-1)}
+    query = {"bbx": _as_array(raw["bbx"], np.float64, f"gnd[{i}]['bbx']", source)}
     if query["bbx"].size != 4:
         raise UserError(f"{source}: gnd[{i}]['bbx'] must hold 4 numbers")
     for key in keys:
@@ -142,11 +156,12 @@ def read_gnd(path: str | Path) -> GroundTruth:
     path = Path(path)
     raw = safe_load(path)
     _require_keys(raw, ("imlist", "qimlist", "gnd"), "gnd file", path)
-    imlist = [str(x) for x in raw["imlist"]]
-    qimlist = [str(x) for x in raw["qimlist"]]
-    if len(raw["gnd"]) != len(qimlist):
-        raise UserError(f"{path}: {len(qimlist)} queries but {len(raw['gnd'])} gnd entries")
-    gnd = [_parse_query(q, i, len(imlist), path) for i, q in enumerate(raw["gnd"])]
+    imlist = [str(x) for x in _as_list(raw["imlist"], "imlist", path)]
+    qimlist = [str(x) for x in _as_list(raw["qimlist"], "qimlist", path)]
+    queries = _as_list(raw["gnd"], "gnd", path)
+    if len(queries) != len(qimlist):
+        raise UserError(f"{path}: {len(qimlist)} queries but {len(queries)} gnd entries")
+    gnd = [_parse_query(q, i, len(imlist), path) for i, q in enumerate(queries)]
     return GroundTruth(imlist, qimlist, gnd)
 
 
@@ -202,7 +217,7 @@ def _distractor_images(root: str | Path, dataset: str) -> list[ImageRecord]:
     listing = layout.distractor_list_path(root, dataset)
     if not listing.is_file():
         raise UserError(f"no image list for {dataset}: {listing}")
-    jpg = layout.distractor_dir(root, dataset) / "jpg"
+    jpg = layout.distractor_images_dir(root, dataset)
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     # List entries already carry their extension (ext = '' in revisitop's configdataset).
     return [ImageRecord(i, jpg / name, name) for i, name in enumerate(names)]

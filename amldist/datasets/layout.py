@@ -10,6 +10,8 @@ TRAIN_DATASETS = ("retrieval-SfM-120k", "retrieval-SfM-30k")
 TEST_DATASETS = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
 REVISITED_TEST_DATASETS = ("roxford5k", "rparis6k")
 DISTRACTOR_DATASETS = ("revisitop1m",)
+# cirtorch makes test/roxford5k/jpg a symlink to test/oxford5k/jpg (same images), likewise for Paris.
+REVISITED_IMAGES_FROM = {"roxford5k": "oxford5k", "rparis6k": "paris6k"}
 ALL_DATASETS = TRAIN_DATASETS + TEST_DATASETS + DISTRACTOR_DATASETS
 
 # The splits each kind of dataset is made of (shards are written per split).
@@ -50,6 +52,11 @@ def train_images_dir(root: str | Path, name: str) -> Path:
     return train_dir(root, "retrieval-SfM-120k") / "ims"
 
 
+def train_images_link(root: str | Path, name: str) -> Path:
+    """The ims/ entry inside a training dataset's own folder (for SfM-30k, cirtorch's symlink to SfM-120k's)."""
+    return train_dir(root, name) / "ims"
+
+
 def train_db_path(root: str | Path, name: str) -> Path:
     # SfM-30k has only a whitening pkl; its train/val db is the SfM-120k one.
     base = "retrieval-SfM-120k"
@@ -68,12 +75,21 @@ def test_images_dir(root: str | Path, name: str) -> Path:
     return test_dir(root, name) / "jpg"
 
 
+def test_images_owner(name: str) -> str:
+    """The test set whose jpg/ really holds `name`'s images (the revisited sets link to the old ones)."""
+    return REVISITED_IMAGES_FROM.get(name, name)
+
+
 def gnd_path(root: str | Path, name: str) -> Path:
     return test_dir(root, name) / f"gnd_{name}.pkl"
 
 
 def distractor_dir(root: str | Path, name: str = "revisitop1m") -> Path:
     return Path(root) / "datasets" / name
+
+
+def distractor_images_dir(root: str | Path, name: str = "revisitop1m") -> Path:
+    return distractor_dir(root, name) / "jpg"
 
 
 def distractor_list_path(root: str | Path, name: str = "revisitop1m") -> Path:

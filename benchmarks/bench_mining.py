@@ -1,0 +1,193 @@
+"""Mining time per epoch: our top-k + vectorised filter vs the reference (cirtorch: full matrix product,
+full sort of every ranking, per-query Python walk), and the miner's latency as the pool grows.
+
+    python benchmarks/bench_mining.py [--quick]
+
+Part 1 mines 2000 anchors against a 22k pool, d=512 (the paper's epoch), both ways, and checks the
+answers agree. Part 2 times the miner (teacher store memory-mapped as float16) at pool sizes up to the
+largest that fits in memory: building the epoch's index, one epoch of 2000 anchors, one batch of 10.
+Writes runs/bench/mining.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amldist import mining
+from amldist.feature_store import write_feature_store
+from amldist.miner_actor import Miner
+
+IMAGES_PER_CLUSTER = 160  # SfM-120k: about 91k training images in a few hundred 3D models
+NUM_NEGATIVES = 5
+
+
+def clustered_unit_vectors(num: int, dim: int, rng: np.random.Generator, chunk: int = 65536):
+    """(num, dim) float16 unit vectors around num / IMAGES_PER_CLUSTER centres, and their clusters."""
+    num_clusters = max(10, num // IMAGES_PER_CLUSTER)
+    centres = rng.standard_normal((num_clusters, dim)).astype(np.float32)
+    clusters = rng.integers(0, num_clusters, num)
+    vectors = np.empty((num, dim), np.float16)
+    for start in range(0, num, chunk):  # chunked so 1M x 512 never exists in float32
+        part = centres[clusters[start:start + chunk]]
+        part += 1.5 * rng.standard_normal(part.shape, dtype=np.float32)
+        vectors[start:start + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return vectors, clusters.astype(np.int64)
+
+
+def noisy_anchors(pool: np.ndarray, count: int, rng: np.random.Generator):
+    """Student anchors: pool images seen by a slightly different network."""
+    picks = rng.choice(len(pool), count, replace=False)
+    anchors = pool[picks].astype(np.float32) + 0.3 * rng.standard_normal((count, pool.shape[1]), dtype=np.float32)
+    return anchors / np.linalg.norm(anchors, axis=1, keepdims=True), picks
+
+
+def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count):
+    """cirtorch's epoch mining: scores of every pool image, a full sort, a Python walk per query."""
+    timings = {}
+    started = time.perf_counter()
+    scores = torch.mm(torch.from_numpy(pool), torch.from_numpy(anchors).T)  # (P, Q)
+    timings["product_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    _, ranks = torch.sort(scores, dim=0, descending=True)  # (P, Q)
+    timings["sort_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    negatives, distance_sum = [], 0.0
+    pool_t, anchors_t = torch.from_numpy(pool), torch.from_numpy(anchors)
+    for q in range(len(anchors)):
+        used, chosen, r = [int(anchor_clusters[q])], [], 0
+        while len(chosen) < count:
+            candidate = ranks[r, q]
+            if int(pool_clusters[candidate]) not in used:
+                chosen.append(int(candidate))
+                used.append(int(pool_clusters[candidate]))
+                distance_sum += float(torch.pow(anchors_t[q] - pool_t[candidate] + 1e-6, 2).sum().sqrt())
+            r += 1
+        negatives.append(chosen)
+    timings["walk_s"] = time.perf_counter() - started
+    return np.array(negatives), distance_sum / (len(anchors) * count), timings
+
+
+def ours(anchors, pool, pool_clusters, anchor_clusters, count):
+    return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters, count)
+
+
+def compare_with_reference(num_queries: int, pool_size: int, dim: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    pool16, clusters = clustered_unit_vectors(pool_size, dim, rng)
+    pool = pool16.astype(np.float32)
+    anchors, picks = noisy_anchors(pool16, num_queries, rng)
+    anchor_clusters = clusters[picks]
+    ours(anchors[:50], pool, clusters, anchor_clusters[:50], NUM_NEGATIVES)  # warm up BLAS/faiss threads
+    best_ref, best_ours = None, float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ref_neg, ref_dist, parts = reference_mining(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES)
+        total = time.perf_counter() - started
+        if best_ref is None or total < best_ref["total_s"]:
+            best_ref = {"total_s": total, **parts}
+        started = time.perf_counter()
+        our_neg, our_dist = ours(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES)
+        best_ours = min(best_ours, time.perf_counter() - started)
+    same_rows = float((our_neg == ref_neg).all(axis=1).mean())
+    return {"queries": num_queries, "pool": pool_size, "dim": dim, "reference": best_ref, "ours_s": best_ours,
+            "speedup": best_ref["total_s"] / best_ours, "identical_rows": same_rows,
+            "mean_distance": {"reference": ref_dist, "ours": our_dist}}
+
+
+def available_memory_bytes() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def miner_latency(pool_size: int, dim: int, workdir: Path) -> dict:
+    """Time the miner with a store of `pool_size` images, all of them in the epoch's pool."""
+    rng = np.random.default_rng(pool_size)
+    vectors, clusters = clustered_unit_vectors(pool_size, dim, rng)
+    store_dir = workdir / f"store-{pool_size}"
+    write_feature_store(store_dir, vectors, network="synthetic", network_sha256="0" * 64, architecture="synthetic",
+                        image_size=362, scales=[1.0], dataset="synthetic", split="train")
+    anchors, picks = noisy_anchors(vectors, 2000, rng)
+    del vectors
+    miner = Miner(clusters, str(store_dir), pool_size=pool_size)
+    started = time.perf_counter()
+    miner.new_epoch(0, seed=0)
+    miner.mine(picks[:1], anchors[:1], NUM_NEGATIVES)  # the first call of an epoch builds the index
+    build = time.perf_counter() - started
+    started = time.perf_counter()
+    miner.mine(picks, anchors, NUM_NEGATIVES)
+    epoch = time.perf_counter() - started
+    batch_times = []
+    for start in range(0, 200, 10):
+        began = time.perf_counter()
+        miner.mine(picks[start:start + 10], anchors[start:start + 10], NUM_NEGATIVES)
+        batch_times.append(time.perf_counter() - began)
+    return {"pool": pool_size, "dim": dim, "backend": miner.backend, "store_mb": pool_size * dim * 2 / 2**20,
+            "build_index_s": build, "epoch_2000_s": epoch, "batch_10_ms": 1000 * float(np.median(batch_times))}
+
+
+def print_tables(result: dict) -> None:
+    ref = result["reference"]
+    print(f"\nMining one epoch: {ref['queries']} anchors x {ref['pool']} pool, d={ref['dim']}, "
+          f"{NUM_NEGATIVES} negatives")
+    print(f"{'approach':<44}{'seconds':>10}")
+    r = ref["reference"]
+    print(f"{'reference (product + sort + Python walk)':<44}{r['total_s']:>10.3f}"
+          f"   (product {r['product_s']:.3f}, sort {r['sort_s']:.3f}, walk {r['walk_s']:.3f})")
+    print(f"{'ours (top-k + vectorised filter)':<44}{ref['ours_s']:>10.3f}")
+    print(f"speed-up: {ref['speedup']:.1f}x   identical rows: {100 * ref['identical_rows']:.2f}%")
+    print(f"\nMiner latency ({result['latency'][0]['backend'] if result['latency'] else '-'}), float16 store")
+    print(f"{'pool':>10}{'store MB':>10}{'index s':>10}{'epoch s':>10}{'batch ms':>10}")
+    for row in result["latency"]:
+        print(f"{row['pool']:>10}{row['store_mb']:>10.0f}{row['build_index_s']:>10.2f}"
+              f"{row['epoch_2000_s']:>10.2f}{row['batch_10_ms']:>10.1f}")
+    for pool in result["skipped_pools"]:
+        print(f"{pool:>10}  skipped: not enough free memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (checks it runs)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "mining.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    dim = 512
+    if args.quick:
+        queries, pool, repeats, pools = 300, 5000, 1, [22_000, 50_000]
+    else:
+        queries, pool, repeats, pools = 2000, 22_000, 2, [22_000, 100_000, 500_000, 1_000_000]
+    result = {"quick": args.quick, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "cuda": torch.cuda.is_available(), "latency": [], "skipped_pools": []}
+    result["reference"] = compare_with_reference(queries, pool, dim, repeats)
+    with tempfile.TemporaryDirectory(prefix="bench-mining-") as workdir:
+        for size in pools:
+            needed = size * dim * 14  # float16 array and its copy, float32 pool, float32 faiss index
+            if needed > 0.8 * available_memory_bytes():
+                result["skipped_pools"].append(size)
+                continue
+            result["latency"].append(miner_latency(size, dim, Path(workdir)))
+    print_tables(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

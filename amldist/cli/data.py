@@ -8,6 +8,7 @@ from amldist.cli.common import add_group
 
 # One module per data sub-command, each exposing `register(data_subparsers)`.
 DATA_COMMAND_MODULES = (
+    "amldist.cli.data_download",
     "amldist.cli.data_shards",
 )
 

@@ -49,7 +49,8 @@ class Runner:
         self._pool = None
 
     def run(self, fn: Callable[[Any], Any], items: Iterable[Any], *, desc: str, unordered: bool = False,
-            amount: Callable[[Any], int] = lambda result: 1, total: int | None = None) -> list[Any]:
+            amount: Callable[[Any], int] = lambda result: 1, total: int | None = None,
+            unit: str = "img") -> list[Any]:
         """[fn(item) for item in items]; with unordered=True the results come in completion order.
 
         `amount(result)` is how far each result moves the progress bar (of `total`, default len(items)).
@@ -64,7 +65,7 @@ class Runner:
             mapper = self._pool.imap_unordered if unordered else self._pool.imap
             results = mapper(fn, items, chunksize=1 if unordered else chunksize)
         done = []
-        with tqdm(total=len(items) if total is None else total, desc=desc, unit="img",
+        with tqdm(total=len(items) if total is None else total, desc=desc, unit=unit,
                   disable=progress_disabled(), leave=False) as bar:
             for result in results:
                 done.append(result)

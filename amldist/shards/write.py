@@ -259,8 +259,10 @@ def _build_manifest(parts: list[dict[str, Any]], skipped: list[dict[str, Any]], 
 def _finish_split(split_dir: Path, parts: list[dict[str, Any]],
                   probe_skips: list[dict[str, Any]], source: dict[str, Any], num_images: int) -> dict[str, Any]:
     """Write index.npy, then the manifest (last): together they say the split is complete."""
-    rows = [row for part in parts for row in part["entries"]]
-    table = np.asarray(rows, dtype=np.int64).reshape(-1, len(mf.INDEX_COLUMNS))  # (N, 10)
+    width = len(mf.INDEX_COLUMNS)
+    # Converted shard by shard: 1M samples as one list of Python lists would cost several hundred MB.
+    blocks = [np.asarray(part["entries"], dtype=np.int64).reshape(-1, width) for part in parts]
+    table = np.concatenate(blocks) if blocks else np.zeros((0, width), np.int64)  # (N, 10)
     table = table[np.argsort(table[:, mf.COLUMN["index"]], kind="stable")]
     index_bytes = _npy_bytes(table)
     skipped = sorted(probe_skips + [s for part in parts for s in part["skipped"]], key=lambda s: s["index"])
@@ -295,7 +297,7 @@ def shard_split(records: list[formats.ImageRecord], root: Path, split_dir: Path,
     """Bring one split folder up to date with the plan; returns its manifest."""
     split_dir.mkdir(parents=True, exist_ok=True)
     tasks, probe_skips = _plan_tasks(records, root, split_dir, params, shard_count, shard_bytes, runner)
-    kept = runner.run(verified_part, tasks, desc=f"verify {params.dataset}/{params.split}")
+    kept = runner.run(verified_part, tasks, desc=f"verify {params.dataset}/{params.split}", unit="shard")
     todo = [task for task, part in zip(tasks, kept) if part is None]
     if todo:
         # The old manifest would describe shards that are about to change: withdraw it first.

@@ -4,18 +4,15 @@ import errno
 import fcntl
 import io
 import os
-import re
 import socket
 import tarfile
-import threading
-from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from loopback_http import Served, serve
 from PIL import Image
 
 from amldist.cli.main import main
@@ -30,74 +27,10 @@ PARIS_ARCHIVES = ({"paris/defense/paris_defense_000001.jpg": 5, "paris/eiffel/pa
 R1M_FILES = [f"{i % 7}/{i:06d}.jpg" for i in range(1, urls.REVISITOP1M_ARCHIVES + 1)]
 
 
-# ---------------------------------------------------------------- the loopback server --------------------
-
-
-class Served:
-    """What the server holds and what it did: content by URL path, bytes sent per request."""
-
-    def __init__(self) -> None:
-        self.content: dict[str, bytes] = {}
-        self.sent: dict[str, list[int]] = defaultdict(list)
-        self.ranges: dict[str, list[str | None]] = defaultdict(list)
-        self.drop_after: dict[str, int] = {}  # path -> bytes sent before the next GET is cut off
-        self.ignore_range = False
-
-    def put(self, public_url: str, data: bytes) -> str:
-        path = urlsplit(public_url).path
-        self.content[path] = data
-        return path
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        served: Served = self.server.served
-        path = unquote(urlsplit(self.path).path)
-        data = served.content.get(path)
-        served.ranges[path].append(self.headers.get("Range"))
-        if data is None:
-            self.send_error(404)
-            return
-        start, status = self._range_start(served, len(data))
-        if status == 416:
-            return
-        body = data[start:]
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        if path in served.drop_after:
-            body = body[:served.drop_after.pop(path)]  # then the connection closes mid-body
-        self.wfile.write(body)
-        served.sent[path].append(len(body))
-
-    def _range_start(self, served: Served, size: int) -> tuple[int, int]:
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match is None or served.ignore_range:
-            return 0, 200
-        start = int(match.group(1))
-        if start >= size:
-            self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{size}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return start, 416
-        return start, 206
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.served = Served()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.served
-    httpd.shutdown()
-    httpd.server_close()
+    with serve() as running:
+        yield running
 
 
 # ---------------------------------------------------------------- tiny public files ----------------------
@@ -298,7 +231,7 @@ def test_dropped_connection_resumes_from_the_part_file(server, tmp_path):
     assert served.sent[path][-1] == len(data) - 120_000 < len(data)
 
 
-def test_retry_within_one_call_resumes(server, tmp_path, caplog):
+def test_retry_within_one_call_resumes(server, tmp_path):
     base, served = server
     data = _big_payload()
     path = served.put(urls.gnd_url("oxford5k"), data)

@@ -99,3 +99,103 @@ def test_rewrite_replaces_the_array_and_removes_the_old_one(tmp_path):
     assert first.manifest["array_file"] != second.manifest["array_file"]
     assert sorted(p.name for p in tmp_path.glob("features-*.npy")) == [second.manifest["array_file"]]
     np.testing.assert_array_equal(FeatureStore.open(tmp_path).features, np.full((10, 4), 0.25, np.float16))
+
+
+# ------------------------------------------------------------------ `amldist features` (one process)
+
+TRAIN_SET = "retrieval-SfM-120k"
+SHARD_SIZE = 32
+
+
+def make_teacher_split(root):
+    """A 9-image training split written as shards at 32 px, and a small random teacher network file.
+
+    Returns (split shard folder, network file)."""
+    import torch
+    from PIL import Image
+
+    from amldist.checkpoints import export_network_file
+    from amldist.datasets import formats, layout
+    from amldist.nets import create_net
+    from amldist.shards import shard_dataset
+
+    rng = np.random.default_rng(3)
+    cids = [f"{i:030d}{i:02d}" for i in range(9)]
+    images = layout.train_images_dir(root, TRAIN_SET)
+    for i, cid in enumerate(cids):
+        path = layout.cid2filename(cid, images)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, size=(20 + 4 * i, 40 - 2 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    train = formats.SfmSplit(cids[:7], np.array([0, 0, 1, 1, 2, 2, 3]), np.array([0, 2]), np.array([1, 3]))
+    val = formats.SfmSplit(cids[7:], np.array([5, 5]), np.array([0]), np.array([1]))
+    formats.write_sfm_db(layout.train_db_path(root, TRAIN_SET), {"train": train, "val": val})
+    formats.write_whiten_db(layout.whiten_db_path(root, TRAIN_SET), formats.WhitenDb(cids[:2], np.array([0]), np.array([1])))
+    shard_dataset(root, TRAIN_SET, image_size=SHARD_SIZE, splits=["train"], shard_count=2, workers=0)
+    torch.manual_seed(0)
+    network = root / "teacher.pth"
+    export_network_file(network, create_net("mobilenet_v2", projection_dim=8, pretrained=False))
+    return layout.shards_dir(root, TRAIN_SET, SHARD_SIZE) / "train", network
+
+
+@pytest.fixture(scope="module")
+def teacher_split(tmp_path_factory):
+    return make_teacher_split(tmp_path_factory.mktemp("teacher"))
+
+
+def reference_features(network, split, image_size=SHARD_SIZE, scales=(1.0,)):
+    from amldist.checkpoints import load_network_file
+    from amldist.extract import ShardSource, embed
+
+    return embed(load_network_file(network), ShardSource(split), image_size=image_size, scales=scales, device="cpu")
+
+
+def test_cli_writes_the_teacher_features_of_every_image(teacher_split, tmp_path, capsys):
+    from amldist.cli.main import main
+
+    split, network = teacher_split
+    out = tmp_path / "features"
+    assert main(["features", "--network", str(network), "--shards", str(split), "--out", str(out)]) == 0
+    assert "7 teacher features of dim 8" in capsys.readouterr().out
+    store = FeatureStore.open(out, expected={"image_size": SHARD_SIZE, "count": 7, "dim": 8,
+                                             "network_sha256": feature_store.file_sha256(network)})
+    assert store.manifest["architecture"] == "mobilenet_v2"
+    assert (store.manifest["dataset"], store.manifest["split"]) == (TRAIN_SET, "train")
+    np.testing.assert_allclose(store.vectors(np.arange(7)), reference_features(network, split), atol=2e-3)
+
+    array = out / store.manifest["array_file"]
+    stamp = array.stat().st_mtime_ns
+    assert main(["features", "--network", str(network), "--shards", str(split), "--out", str(out)]) == 0
+    assert array.stat().st_mtime_ns == stamp  # up to date: not recomputed
+    argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out),
+            "--image-size", "24", "--scales", "1", "0.5"]
+    assert main(argv) == 0
+    changed = FeatureStore.open(out)
+    assert changed.manifest["image_size"] == 24 and changed.manifest["scales"] == [1.0, 0.5]
+    np.testing.assert_allclose(changed.vectors(np.arange(7)),
+                               reference_features(network, split, 24, (1.0, 0.5)), atol=2e-3)
+
+
+def run_cli(argv):
+    """Exit code of `amldist ARGV`, whether it returns or argparse exits."""
+    from amldist.cli.main import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("problem", ["no network", "not a network", "no shards", "negative workers"])
+def test_cli_mistakes_are_one_line_exit_2(teacher_split, tmp_path, capsys, problem):
+    split, network = teacher_split
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    argv = {"no network": ["--network", str(tmp_path / "missing.pth"), "--shards", str(split)],
+            "not a network": ["--network", str(junk), "--shards", str(split)],
+            "no shards": ["--network", str(network), "--shards", str(tmp_path)],
+            "negative workers": ["--network", str(network), "--shards", str(split), "--num-workers", "-1"]}[problem]
+    assert run_cli(["features", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -148,3 +148,16 @@ def test_actor_answers_like_the_library_and_survives_a_kill(case, ray_session):
     with pytest.raises(MissingPoolVectors):  # student vectors died with the process: the worker resends
         ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "sym"))
     ray.kill(actor, no_restart=True)
+
+
+def test_features_spread_over_ray_tasks_equal_one_process(ray_session, tmp_path):
+    from test_feature_store import make_teacher_split
+
+    from amldist.cli.features import compute_features
+    from amldist.feature_store import FeatureStore
+
+    split, network = make_teacher_split(tmp_path)
+    spread = compute_features(network, split, tmp_path / "by-ray", num_workers=2, batch_size=2)
+    alone = compute_features(network, split, tmp_path / "alone", num_workers=0)
+    np.testing.assert_allclose(spread.vectors(np.arange(7)), alone.vectors(np.arange(7)), atol=2e-3)
+    assert FeatureStore.open(tmp_path / "by-ray").manifest["count"] == 7

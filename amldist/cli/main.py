@@ -18,6 +18,7 @@ from amldist.errors import UserError
 COMMAND_MODULES = (
     "amldist.cli.data",
     "amldist.cli.nets",
+    "amldist.cli.features",
 )
 
 

@@ -21,3 +21,13 @@ def test_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "shared.txt"
+    atomic_write_text(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

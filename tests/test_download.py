@@ -417,8 +417,19 @@ def test_images_missing_from_the_archive_are_reported(server, tmp_path):
     publish_test_sets(served, tmp_path)
     gnd = _gnd(_names(OXFORD_ARCHIVE) + ["not_in_archive"], revisited=False)
     served.put(urls.gnd_url("oxford5k"), _pickle_bytes(tmp_path, formats.write_gnd, gnd))
-    with pytest.raises(UserError, match="1 of 5 listed images are missing"):
+    with pytest.raises(UserError, match="1 of 5 listed images are missing.*remove it and rerun"):
         download.download("oxford5k", tmp_path / "data", _options(base))
+
+
+def test_a_half_filled_folder_from_another_tool_is_reported_not_trusted(server, tmp_path):
+    base, served = server
+    publish_test_sets(served, tmp_path)
+    jpg = tmp_path / "test/paris6k/jpg"  # cirtorch creates jpg/ first, then fills it
+    jpg.mkdir(parents=True)
+    (jpg / "paris_defense_000001.jpg").write_bytes(_jpeg(1))
+    with pytest.raises(UserError, match=f"2 of 3 listed images are missing.*if {jpg} is incomplete"):
+        download.download("paris6k", tmp_path, _options(base))
+    assert sorted(p.name for p in jpg.iterdir()) == ["paris_defense_000001.jpg"]  # left as it was
 
 
 def test_a_second_concurrent_run_is_refused(tmp_path):

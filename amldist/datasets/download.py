@@ -288,16 +288,18 @@ def _read_image_list(path: Path) -> list[str]:
 # ---------------------------------------------------------------- verification ------------------------
 
 
-def _require_images(dataset: str, paths: set[Path]) -> None:
+def _require_images(dataset: str, paths: set[Path], folder: Path) -> None:
     missing = sorted(p for p in paths if not p.is_file())
     if missing:
+        # Typically a folder left half-filled by another tool (cirtorch creates it before extracting).
         raise UserError(f"{dataset}: {len(missing)} of {len(paths)} listed images are missing "
-                        f"(first: {missing[0]}); the image archive does not match the list")
+                        f"(first: {missing[0]}); if {folder} is incomplete, remove it and rerun")
 
 
 def _verify_train(name: str, root: Path) -> str:
     listed = {s: formats.list_images(root, s) for s in (SFM120K, SFM30K)}
-    _require_images(SFM120K, {r.path for splits in listed.values() for recs in splits.values() for r in recs})
+    _require_images(SFM120K, {r.path for splits in listed.values() for recs in splits.values() for r in recs},
+                    layout.train_images_dir(root, SFM120K))
     if not layout.train_images_link(root, SFM30K).is_dir():
         raise UserError(f"{layout.train_images_link(root, SFM30K)} is not a folder or a link to one")
     db = formats.read_sfm_db(layout.train_db_path(root, SFM120K))
@@ -308,7 +310,8 @@ def _verify_train(name: str, root: Path) -> str:
 
 def _verify_test(name: str, root: Path) -> str:
     splits = formats.list_images(root, name)
-    _require_images(name, {r.path for recs in splits.values() for r in recs})
+    _require_images(name, {r.path for recs in splits.values() for r in recs},
+                    layout.test_images_dir(root, layout.test_images_owner(name)))
     protocol = formats.read_gnd(layout.gnd_path(root, name)).protocol
     return (f"{len(splits['db'])} database images, {len(splits['query'])} queries ({protocol} protocol) "
             f"in {layout.test_dir(root, name)}")
@@ -316,7 +319,7 @@ def _verify_test(name: str, root: Path) -> str:
 
 def _verify_distractors(name: str, root: Path) -> str:
     images = formats.list_images(root, name)["db"]
-    _require_images(name, {r.path for r in images})
+    _require_images(name, {r.path for r in images}, layout.distractor_images_dir(root, name))
     return f"{len(images)} distractor images in {layout.distractor_dir(root, name)}"
 
 

@@ -138,6 +138,29 @@ class ShardSource:
         return self.reader.read_image(int(self.indices[i]))
 
 
+class SubsetSource:
+    """Positions `positions` of another source, renumbered 0..len-1 (work split across processes)."""
+
+    def __init__(self, source: ImageSource, positions: Sequence[int]):
+        self.source = source
+        self.positions = [int(p) for p in positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def size(self, i: int) -> tuple[int, int]:
+        return self.source.size(self.positions[i])
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        return self.source.original_size(self.positions[i])
+
+    def bbx(self, i: int) -> Box | None:
+        return self.source.bbx(self.positions[i])
+
+    def load(self, i: int) -> Image.Image:
+        return self.source.load(self.positions[i])
+
+
 # ---------------------------------------------------------------- geometry (cirtorch's rules)
 
 

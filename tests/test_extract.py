@@ -185,3 +185,20 @@ def test_empty_source_and_bad_scales(net):
 
     with pytest.raises(UserError):
         extract.embed(net, extract.FileSource(["x.jpg"]), scales=[0.0])
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_same_result_as_one_process(tmp_path, net):
+    ray = pytest.importorskip("ray")
+    from amldist import distributed_extract
+
+    source = extract.FileSource(_write_images(tmp_path, SIZES, seed=4))
+    local = extract.embed(net, source, image_size=IMAGE_SIZE, batch_size=4)
+    try:
+        spread = distributed_extract.embed_distributed(net, source, num_workers=2, image_size=IMAGE_SIZE,
+                                                       batch_size=4)
+    finally:
+        ray.shutdown()
+    np.testing.assert_allclose(spread, local, atol=1e-5)
+    chunks = distributed_extract.shape_ordered_chunks([(2, 1), (1, 1), (2, 1), (1, 5)], 3)
+    assert [list(c) for c in chunks] == [[1, 3], [0], [2]]

@@ -200,8 +200,9 @@ def _fetch_file(url: str, dest: Path, options: DownloadOptions, verify: Callable
         verify(dest)  # cheap, and catches a damaged file left from an older run
         log.info("%s: already here", dest.name)
         return 0
-    log.info("downloading %s", url)
-    return fetch(urls.rebase(url, options.base_url), dest, options, verify)
+    source = urls.rebase(url, options.base_url)
+    log.info("downloading %s", source)
+    return fetch(source, dest, options, verify)
 
 
 def _install_archives(archive_urls: tuple[str, ...], target: Path, flatten: bool,
@@ -220,9 +221,9 @@ def _install_archives(archive_urls: tuple[str, ...], target: Path, flatten: bool
         for index, (url, name) in enumerate(zip(archive_urls, names)):
             if name in done:
                 continue
-            archive = target.parent / name
-            log.info("archive %d/%d: %s", index + 1, len(names), url)
-            fetched += fetch(urls.rebase(url, options.base_url), archive, options)
+            archive, source = target.parent / name, urls.rebase(url, options.base_url)
+            log.info("archive %d/%d: %s", index + 1, len(names), source)
+            fetched += fetch(source, archive, options)
             # JPEGs barely compress: extracting needs about the archive's size again.
             _check_free_space(target.parent, archive.stat().st_size)
             folder.add(archive, flatten)

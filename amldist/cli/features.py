@@ -4,8 +4,8 @@
                      [--num-workers N] [--image-size S] [--scales 1 0.7071 0.5]
 
 Asymmetric training reads positives and negatives from this store instead of running the teacher.
-With --num-workers N the split is cut into N contiguous parts embedded by Ray tasks (one GPU each when
-the cluster has GPUs); otherwise one process does it. A store already computed with the same teacher,
+With --num-workers N the split is embedded by N Ray tasks at a time (amldist.distributed_extract; one
+GPU each when the cluster has GPUs); otherwise one process does it. A store already computed with the same teacher,
 size, scales and split is left alone unless --force.
 """
 
@@ -74,10 +74,7 @@ def compute_features(network: str | Path, split_dir: str | Path, out: str | Path
             return existing
     net = load_network_file(network)
     options = {"image_size": provenance["image_size"], "scales": provenance["scales"], "batch_size": batch_size}
-    if num_workers > 0:
-        features = embed_with_ray(net, split_dir, provenance["count"], num_workers, options)
-    else:
-        features = embed_split(net, split_dir, provenance["count"], None, device, options)
+    features = embed_split(net, split_dir, provenance["count"], num_workers, device, options)
     return write_feature_store(out, features, network=str(network), network_sha256=provenance["network_sha256"],
                                architecture=net.meta.architecture, image_size=provenance["image_size"],
                                scales=provenance["scales"], dataset=provenance["dataset"], split=provenance["split"])
@@ -99,63 +96,28 @@ def _default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def embed_split(net, split_dir: str | Path, count: int, positions: np.ndarray | None, device: str | None,
+def _gpus_per_worker() -> float:
+    """One GPU per Ray task when the cluster (or, before Ray starts, this machine) has one."""
+    import ray
+    import torch
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
+    return 1.0 if gpus >= 1 else 0.0
+
+
+def embed_split(net, split_dir: str | Path, count: int, num_workers: int, device: str | None,
                 options: dict[str, Any]) -> np.ndarray:
-    """Descriptors (len(positions) or count, D) of images `positions` of the split (all when None)."""
+    """Descriptors (count, D) of every image of the split, row i = dataset index i.
+
+    num_workers > 0 spreads the work over Ray tasks (amldist.distributed_extract); it joins the running
+    Ray cluster (RAY_ADDRESS or one this process started), else starts a local one. The shard folder
+    must then be readable from every node (shared storage), as for training.
+    """
     from amldist.extract import ShardSource, embed
 
     source = ShardSource(split_dir, expected_count=count)  # a row per image, or a clear error
-    if positions is not None:
-        source = SubsetSource(source, positions)
-    return embed(net, source, device=_default_device(device), desc="teacher features", **options)
+    if num_workers == 0:
+        return embed(net, source, device=_default_device(device), desc="teacher features", **options)
+    from amldist.distributed_extract import embed_distributed
 
-
-class SubsetSource:
-    """Images `positions` of another image source, in that order (the protocol of amldist.extract)."""
-
-    def __init__(self, source, positions: np.ndarray):
-        self.source = source
-        self.positions = np.asarray(positions, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def size(self, i: int):
-        return self.source.size(int(self.positions[i]))
-
-    def original_size(self, i: int):
-        return self.source.original_size(int(self.positions[i]))
-
-    def bbx(self, i: int):
-        return self.source.bbx(int(self.positions[i]))
-
-    def load(self, i: int):
-        return self.source.load(int(self.positions[i]))
-
-
-def embed_with_ray(net, split_dir: str | Path, count: int, num_workers: int, options: dict[str, Any]) -> np.ndarray:
-    """Cut the split into `num_workers` contiguous parts, embed them in Ray tasks, put the rows back in order.
-
-    Joins the running Ray cluster (RAY_ADDRESS or the one this process started), else starts a local one.
-    The shard folder must be readable from every node (shared storage), as for training.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(_embed_part).options(num_cpus=1, num_gpus=gpus, max_retries=2)
-    net_ref = ray.put(net)
-    parts = [p for p in np.array_split(np.arange(count), min(num_workers, count)) if len(p)]
-    pending = [task.remote(net_ref, str(split_dir), count, part, options) for part in parts]
-    features = None
-    for part, vectors in zip(parts, ray.get(pending)):
-        if features is None:
-            features = np.zeros((count, vectors.shape[1]), np.float32)
-        features[part] = vectors  # (len(part), D)
-    return features
-
-
-def _embed_part(net, split_dir: str, count: int, positions: np.ndarray, options: dict[str, Any]) -> np.ndarray:
-    logging.getLogger("amldist").setLevel(logging.WARNING)
-    return embed_split(net, split_dir, count, positions, None, options)
+    return embed_distributed(net, source, num_workers=num_workers, gpus_per_worker=_gpus_per_worker(), **options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,11 @@ _NUMPY_GLOBALS = [
 ]
 
 
+# A damaged file can fail anywhere inside torch.load: zip directory, unpickler opcodes, storage records.
+_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, ValueError, struct.error, KeyError, IndexError, TypeError,
+                        AttributeError, zipfile.BadZipFile, OSError)
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True plus numpy arrays; anything else is refused with a UserError."""
     path = Path(path)
@@ -54,17 +60,26 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{path}: refusing to load, the file holds pickled objects other than tensors, "
-                        f"numbers, strings and numpy arrays ({_unsupported_global(err)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
+        refused = _refused_global(err)
+        if refused:
+            raise UserError(f"{path}: refusing to load, the file holds pickled objects other than tensors, "
+                            f"numbers, strings and numpy arrays ({refused})") from None
+        raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
+    except _DAMAGED_FILE_ERRORS as err:
+        raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
 
 
-def _unsupported_global(err: Exception) -> str:
+def _refused_global(err: Exception) -> str | None:
+    """The weights-only unpickler's reason for refusing a global, if that is why loading failed."""
     for line in str(err).splitlines():
-        if "GLOBAL" in line or "global" in line:
+        if "GLOBAL" in line:
             return line.strip()[:200]
-    return "unsupported content"
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, *, epoch: int, optimizer=None, scheduler=None,

@@ -6,7 +6,7 @@ lone image reads its convolution's zero padding. So, for the duration of a padde
 spatial layer (convolutions, pooling layers, squeeze-excitation averages) gets a hook that resets its
 input outside the image's valid region to what a lone image's padding holds (0, or -inf for max
 pooling). The valid size at each layer comes from one shape-only forward per distinct image size on
-the `meta` device (no memory, no arithmetic), cached. Batched embeddings then equal one-at-a-time
+an empty batch (no arithmetic), cached. Batched embeddings then equal one-at-a-time
 embeddings up to float rounding, as long as BatchNorm uses running statistics (eval or frozen BN).
 """
 
@@ -35,22 +35,28 @@ def spatial_modules(features: nn.Module) -> list[nn.Module]:
 
 def trace_sizes(features: nn.Module, layers: list[nn.Module], in_channels: int, size: Size
                 ) -> tuple[list[Size | None], Size]:
-    """Input (h, w) of each layer in `layers` and the output (h, w), for one image of `size`."""
+    """Input (h, w) of each layer in `layers` and the output (h, w), for one image of `size`.
+
+    Runs the layers on an empty batch (0, C, h, w): shapes propagate, nothing is computed. Eval mode
+    for the duration, so BatchNorm neither needs batch statistics nor updates its running ones."""
     seen: dict[int, Size] = {}
 
     def record(module, args):
         seen[id(module)] = tuple(args[0].shape[-2:])
 
+    modes = [(module, module.training) for module in features.modules()]
     handles = [layer.register_forward_pre_hook(record) for layer in layers]
-    shapes_only = {name: torch.empty_like(t, device="meta")
-                   for name, t in chain(features.named_parameters(), features.named_buffers())}
+    reference = next(chain(features.parameters(), features.buffers()), None)
+    device = reference.device if reference is not None else None
     try:
+        features.eval()
         with torch.no_grad():
-            image = torch.empty(1, in_channels, *size, device="meta")
-            out = torch.func.functional_call(features, shapes_only, (image,))
+            out = features(torch.empty(0, in_channels, *size, device=device))
     finally:
         for handle in handles:
             handle.remove()
+        for module, training in modes:
+            module.training = training
     return [seen.get(id(layer)) for layer in layers], tuple(out.shape[-2:])
 
 

@@ -66,14 +66,18 @@ def choose_backend(requested: str = "auto") -> str:
     """faiss on the GPU when faiss has GPU support, else a torch matmul top-k on the GPU, else faiss on CPU."""
     if requested not in BACKENDS:
         raise UserError(f"unknown search backend {requested!r}; choose from {', '.join(BACKENDS)}")
-    if requested != "auto":
-        return requested
-    from amldist import faiss_index
-
-    if faiss_index.gpu_available():
-        return "faiss-gpu"
     import torch
 
+    from amldist import faiss_index
+
+    if requested == "faiss-gpu" and not faiss_index.gpu_available():
+        raise UserError("search backend faiss-gpu needs a faiss build with GPU support and a visible GPU")
+    if requested == "torch-cuda" and not torch.cuda.is_available():
+        raise UserError("search backend torch-cuda needs a visible CUDA GPU")
+    if requested != "auto":
+        return requested
+    if faiss_index.gpu_available():
+        return "faiss-gpu"
     return "torch-cuda" if torch.cuda.is_available() else "faiss-cpu"
 
 
@@ -167,8 +171,10 @@ class Miner:
             if self.store is None:
                 raise UserError("asymmetric mining needs the teacher feature store; start the miner with one")
             if self._asym is None:
-                vectors = self.store.vectors(self.pool_ids)  # (P, D) float32, read from the memory map
-                self._asym = (build_search(self.backend, vectors), vectors)
+                # (P, D) float16 rows read from the memory map; the index holds its own float32 copy,
+                # these stay half-size for the distance figure.
+                half = np.asarray(self.store.features[self.pool_ids])
+                self._asym = (build_search(self.backend, half.astype(np.float32)), half)
             return self._asym
         if pool_vecs is not None:
             vectors = np.asarray(pool_vecs, dtype=np.float32)

@@ -55,8 +55,9 @@ def test_miner_options_follow_cluster_resources():
 def test_backend_choice_without_gpu():
     assert choose_backend("auto") == "faiss-cpu"  # tests run with CUDA hidden and faiss-cpu
     assert choose_backend("torch-cpu") == "torch-cpu"
-    with pytest.raises(UserError):
-        choose_backend("tpu")
+    for unusable in ("tpu", "faiss-gpu", "torch-cuda"):
+        with pytest.raises(UserError):
+            choose_backend(unusable)
 
 
 @pytest.mark.parametrize("backend", ["faiss-cpu", "torch-cpu"])

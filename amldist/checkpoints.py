@@ -141,11 +141,20 @@ def network_from_state(state: Any, source: str) -> RetrievalNet:
     meta_dict = state["meta"]
     architecture = str(meta_dict.get("architecture", "")) if isinstance(meta_dict, dict) else ""
     check_architecture(architecture)
+    _refuse_timm_layout(architecture, weights, source)
     meta = NetMeta.from_dict(meta_dict, projection_dim=_stored_projection_dim(architecture, weights))
     with torch.device("meta"):  # build without allocating; load_state_dict(assign=True) brings the weights
         net = build_net(meta, pretrained=False)
     _load_weights(net, weights, source)
     return net
+
+
+def _refuse_timm_layout(architecture: str, weights: dict, source: str) -> None:
+    """aml's EfficientNet-B3 students wrap timm's tf_efficientnet_b3 (other module names, TF 'same'
+    padding); our efficientnet_b3 is torchvision's, so say so instead of listing missing keys."""
+    if architecture == "efficientnet_b3" and any(".conv_dw." in key or ".conv_pwl." in key for key in weights):
+        raise UserError(f"{source}: an aml EfficientNet-B3 file (timm tf_efficientnet_b3 layout); amldist's "
+                        f"efficientnet_b3 is torchvision's and cannot load it")
 
 
 def _stored_projection_dim(architecture: str, weights: dict) -> int | None:

@@ -10,6 +10,7 @@ from amldist.cli.common import add_group
 DATA_COMMAND_MODULES = (
     "amldist.cli.data_download",
     "amldist.cli.data_shards",
+    "amldist.cli.data_synth",
 )
 
 

@@ -162,6 +162,10 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def with_overrides(config: Config | Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:
-    """A finalized Config with typed dotted-key overrides, e.g. {"optim.lr": 3e-4} from a Tune trial."""
+    """A finalized Config with typed dotted-key overrides, e.g. {"optim.lr": 3e-4} from a Tune trial.
+
+    A finalized config has every option of its loss filled in; to vary `loss.name` itself, start
+    from the unresolved `preset_dict(...)` so the previous loss's options do not carry over.
+    """
     base = config_to_dict(config) if isinstance(config, Config) else config
     return config_from_dict(apply_overrides(base, overrides.items()))

@@ -68,10 +68,10 @@ def bucket_by_shape(shapes: Sequence[tuple[int, int]], max_batch: int, max_pad_f
 def embed_in_buckets(model, images: Sequence[Tensor], max_batch: int, max_pad_frac: float = 0.1) -> Tensor:
     """Descriptors (N, D) of `images` (each (3, h, w)), forwarded in padded buckets, in input order."""
     buckets = bucket_by_shape([tuple(image.shape[1:]) for image in images], max_batch, max_pad_frac)
+    device = next(model.parameters()).device
     rows: dict[int, Tensor] = {}
     for bucket in buckets:
         batch, valid_hw = pad_batch([images[i] for i in bucket])
-        device = next(model.parameters()).device
         descriptors = model(batch.to(device), valid_hw.to(device))  # (b, D)
         rows.update(zip(bucket, descriptors))
     return torch.stack([rows[i] for i in range(len(images))])

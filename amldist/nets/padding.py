@@ -12,6 +12,7 @@ embeddings up to float rounding, as long as BatchNorm uses running statistics (e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
@@ -21,7 +22,10 @@ from torch import Tensor, nn
 
 from amldist.nets.pooling import masked_adaptive_avg, max_pool_padding_value
 
+log = logging.getLogger(__name__)
+
 _SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+_BATCHNORMS = nn.modules.batchnorm._BatchNorm
 _MAX_POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _CACHE_LIMIT = 4096
 
@@ -72,6 +76,7 @@ class PaddedForward:
 
     def __init__(self) -> None:
         self._cache: dict[Size, tuple[list[Size | None], Size]] = {}
+        self._warned = False
 
     def sizes(self, features: nn.Module, layers: list[nn.Module], in_channels: int, size: Size):
         key = (in_channels, *size)
@@ -85,6 +90,10 @@ class PaddedForward:
     def masking(self, features: nn.Module, x: Tensor, valid_hw: Tensor) -> Iterator[Tensor]:
         """Install masking hooks for a forward of `x` (B, C, H, W); yields the output valid sizes (B, 2)."""
         layers = spatial_modules(features)
+        if not self._warned and any(m.training for m in features.modules() if isinstance(m, _BATCHNORMS)):
+            self._warned = True
+            log.warning("padded batch through BatchNorm in training mode: batch statistics mix the padding "
+                        "in; use eval() or freeze_batchnorm() for exact results")
         per_image = [self.sizes(features, layers, x.shape[1], (int(h), int(w))) for h, w in valid_hw.tolist()]
         layer_sizes = [[image_sizes[i] for image_sizes, _ in per_image] for i in range(len(layers))]
         masks: dict[tuple, Tensor] = {}

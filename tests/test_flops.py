@@ -82,3 +82,11 @@ def test_nets_export_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["nets", "export", str(tmp_path / "missing.pth"), str(tmp_path / "x.pth")])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["nets", "--help"], ["nets", "info", "--help"], ["nets", "table1", "--help"],
+                                  ["nets", "export", "--help"]])
+def test_nets_help_renders(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and "usage" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     info.add_argument("--pooling", choices=sorted(POOLINGS), default="gem")
     info.add_argument("--image-size", type=positive_int, default=362, help="square input side (default 362)")
 
-    table = add_command(nets, "table1", "reproduce the paper's Table 1 (ours vs paper, % difference)", run_table1)
+    table = add_command(nets, "table1", "reproduce the paper's Table 1 (ours vs paper, difference in percent)", run_table1)
     table.add_argument("--image-size", type=positive_int, default=362)
     table.add_argument("--conv-only", action="store_true",
                        help="count only convolutions/matmuls (the default also counts BN, activations, adds)")

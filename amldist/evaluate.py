@@ -162,3 +162,43 @@ def evaluate_descriptors(db: np.ndarray, queries: np.ndarray, gnd: Sequence[dict
     else:
         ranks = rank_with_distractors(db, distractors, queries)
     return evaluate_ranks(ranks, gnd, kappas)
+
+
+# ---------------------------------------------------------------- report
+
+_REVISITED_COLUMNS = (("E", "easy", "mAP"), ("M", "medium", "mAP"), ("H", "hard", "mAP"),
+                      ("M@10", "medium", "mP@10"), ("H@10", "hard", "mP@10"))
+_OLD_COLUMNS = (("mAP", OLD_SETTING, "mAP"), ("mP@10", OLD_SETTING, "mP@10"))
+_VARIANT_LABELS = {"raw": "-", "whiten": "Lw"}
+
+
+def _cell(value: float | None) -> str:
+    return "  n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:5.1f}"
+
+
+def format_table(results: dict[str, dict[str, dict[str, dict[str, dict[str, float]]]]]) -> str:
+    """Table 3 of the paper, as text: one row per testing mode (sym/teacher/asym) and whitening
+    (-/Lw), per dataset mAP easy/medium/hard and mP@10 medium/hard (old protocol: mAP, mP@10).
+
+    `results[mode][dataset][variant]` is an `evaluate_ranks` dict, variant 'raw' or 'whiten'.
+    """
+    datasets = list(dict.fromkeys(d for per_mode in results.values() for d in per_mode))
+    columns = {}
+    for d in datasets:
+        sample = next(results[m][d] for m in results if d in results[m])
+        settings = next(iter(sample.values()))
+        columns[d] = _OLD_COLUMNS if OLD_SETTING in settings else _REVISITED_COLUMNS
+    widths = {d: max(len(d), 6 * len(columns[d]) - 1) for d in datasets}
+    head = "mode    Lw  " + " | ".join(d.center(widths[d]) for d in datasets)
+    sub = " " * 12 + " | ".join(" ".join(f"{c[0]:>5}" for c in columns[d]).rjust(widths[d]) for d in datasets)
+    lines = [head, sub, "-" * len(head)]
+    for mode, per_mode in results.items():
+        variants = list(dict.fromkeys(v for d in per_mode.values() for v in d))
+        for variant in variants:
+            cells = []
+            for d in datasets:
+                scores = per_mode.get(d, {}).get(variant)
+                row = [_cell(scores[s][k] if scores else None) for _, s, k in columns[d]]
+                cells.append(" ".join(row).rjust(widths[d]))
+            lines.append(f"{mode:<7} {_VARIANT_LABELS.get(variant, variant):<3} " + " | ".join(cells))
+    return "\n".join(lines)

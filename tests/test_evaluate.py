@@ -2,8 +2,12 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from amldist import evaluate, faiss_index
+from amldist.cli import eval as eval_cli
+from amldist.cli.main import main
+from amldist.errors import UserError
 
 
 def test_compute_ap_by_hand():
@@ -143,3 +147,143 @@ def test_asymmetric_queries_against_teacher_database_differ_from_symmetric():
 def test_bad_ranks_shape_is_rejected():
     with pytest.raises(ValueError):
         evaluate.compute_map(np.zeros((2, 3), np.int64), [{"ok": [0]}])
+
+
+# ---------------------------------------------------------------- `amldist eval`
+
+
+
+def test_multiscale_parser_computes_arithmetic_and_rejects_code():
+    assert eval_cli.parse_scales("[1, 1/2**(1/2), 1/2]") == pytest.approx([1, 2 ** -0.5, 0.5])
+    assert eval_cli.parse_scales("1") == [1.0]
+    assert eval_cli.parse_scales("(1, 0.5)") == [1.0, 0.5]
+    for bad in ["__import__('os').system('true')", "[1, x]", "[1, (lambda: 1)()]", "[]", "[1, -0.5]",
+                "[2**10**10]", "[1/0]", "[1e999]", "['1']", "[1,", "open('f')", "[1] * 3"]:
+        with pytest.raises(UserError):
+            eval_cli.parse_scales(bad)
+
+
+def test_whitening_cache_path_sits_beside_the_network(tmp_path):
+    path = eval_cli.whitening_cache_path(tmp_path / "model_best.pth.tar", "retrieval-SfM-120k", 1024, True)
+    assert path == tmp_path / "model_best.retrieval-SfM-120k-1024.whiten-ms.pt"
+    assert eval_cli.whitening_cache_path(tmp_path / "s.pt", "w", 362, False).name == "s.w-362.whiten.pt"
+
+
+def test_format_table_rows_and_columns():
+    scores = {"easy": {"mAP": 90.0, "mP@10": 80.0}, "medium": {"mAP": 70.0, "mP@10": 60.0},
+              "hard": {"mAP": 50.0, "mP@10": 40.0}}
+    table = evaluate.format_table({"sym": {"roxford5k": {"raw": scores, "whiten": scores}},
+                                   "asym": {"roxford5k": {"raw": scores}},
+                                   "teacher": {"oxford5k": {"raw": {"old": {"mAP": 12.34, "mP@10": 5.0}}}}})
+    lines = table.splitlines()
+    assert "roxford5k" in lines[0] and "oxford5k" in lines[0]
+    assert lines[3].split()[:7] == ["sym", "-", "90.0", "70.0", "50.0", "60.0", "40.0"]
+    assert lines[4].split()[:2] == ["sym", "Lw"]
+    assert lines[5].split()[:2] == ["asym", "-"] and "n/a" in lines[5]
+    assert lines[6].split()[-2:] == ["12.3", "5.0"]
+
+
+def _tiny_root(root):
+    """A test set (6 db images, 2 queries) and a whitening set of 8 images, 24-40 px."""
+    from amldist.datasets import formats, layout
+
+    rng = np.random.default_rng(0)
+
+    def image(path, w, h):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(path, "JPEG", quality=95)
+
+    jpg = layout.test_images_dir(root, "roxford5k")
+    names = [f"im{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        image(jpg / f"{name}.jpg", 40 - 2 * i, 32)
+    gnd = [{"bbx": [2.0, 2.0, 30.0, 28.0], "easy": [0, 1], "hard": [2], "junk": [3]},
+           {"bbx": [0.0, 0.0, 20.0, 20.0], "easy": [4], "hard": [], "junk": []}]
+    formats.write_gnd(layout.gnd_path(root, "roxford5k"), formats.GroundTruth(names[:6], names[6:], gnd))
+    cids = [f"{i:032x}" for i in range(1, 9)]
+    for cid in cids:
+        image(layout.cid2filename(cid, layout.train_images_dir(root, "retrieval-SfM-120k")), 36, 28)
+    qidxs, pidxs = np.arange(4), np.arange(4, 8)
+    formats.write_whiten_db(layout.whiten_db_path(root, "retrieval-SfM-120k"), formats.WhitenDb(cids, qidxs, pidxs))
+    split = formats.SfmSplit(cids, np.repeat(np.arange(4), 2), qidxs, pidxs)
+    formats.write_sfm_db(layout.train_db_path(root, "retrieval-SfM-120k"), {"train": split, "val": split})
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    import torch
+
+    from amldist.checkpoints import save_checkpoint
+    from amldist.nets import create_net
+
+    base = tmp_path_factory.mktemp("eval")
+    _tiny_root(base / "data")
+    for seed, name in ((0, "student.pt"), (1, "teacher.pt")):
+        torch.manual_seed(seed)
+        save_checkpoint(base / "nets" / name, create_net("small_cnn", pretrained=False), epoch=0)
+    return base
+
+
+def _eval_args(base, *extra):
+    return ["eval", "--network", str(base / "nets" / "student.pt"), "--data-root", str(base / "data"),
+            "-d", "roxford5k", "--image-size", "32", "--workers", "0", "--device", "cpu", *extra]
+
+
+def test_eval_cli_sym_teacher_asym_with_whitening(eval_setup, capsys):
+    import json
+
+    base = eval_setup
+    out = base / "results.json"
+    argv = _eval_args(base, "--teacher", str(base / "nets" / "teacher.pt"), "--asym", "-w", "retrieval-SfM-120k",
+                      "-ms", "[1, 1/2]", "--out", str(out))
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "roxford5k" in printed and "asym" in printed and "Lw" in printed
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"sym", "teacher", "asym"}
+    assert set(results["asym"]["roxford5k"]) == {"raw", "whiten"}
+    assert set(results["sym"]["roxford5k"]["raw"]) == {"easy", "medium", "hard"}
+    # Student queries against the teacher's database are not the student's own search.
+    assert results["asym"]["roxford5k"] != results["sym"]["roxford5k"]
+    # Whitening is learned once per database network (the teacher's serves asym) and cached beside it.
+    cached = sorted(p.name for p in (base / "nets").glob("*.whiten-ms.pt"))
+    assert cached == ["student.retrieval-SfM-120k-32.whiten-ms.pt", "teacher.retrieval-SfM-120k-32.whiten-ms.pt"]
+    stamps = {p: p.stat().st_mtime_ns for p in (base / "nets").glob("*.whiten-ms.pt")}
+    assert main(argv) == 0  # a rerun reuses the cached whitening and gives the same numbers
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads(out.read_text())["results"] == results
+
+
+def test_eval_uses_the_whitening_stored_in_the_network_meta(eval_setup, tmp_path):
+    from amldist import whiten
+    from amldist.checkpoints import load_checkpoint
+
+    net, _ = load_checkpoint(eval_setup / "nets" / "student.pt")
+    dim = net.meta.outputdim
+    net.meta.extra["Lw"] = {"retrieval-SfM-120k": {"ss": {"m": np.zeros((dim, 1)), "P": 3 * np.eye(dim)}}}
+    loaded = eval_cli.LoadedNet("student", tmp_path / "student.pt", net)
+    empty_root = tmp_path / "no-data"  # learning would need images; the stored Lw must be used
+    extractor = eval_cli.Extractor(empty_root, 32, [1.0], "cpu", 4, 0, 0)
+    lw = eval_cli.whitening_for(loaded, "retrieval-SfM-120k", extractor)
+    assert isinstance(lw, whiten.Whitening)
+    np.testing.assert_array_equal(lw.P, 3 * np.eye(dim))
+    assert not list(tmp_path.glob("*.whiten*"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-ms", "__import__('os').getcwd()"], "--multiscale"),
+    (["--asym"], "--asym needs --teacher"),
+    (["-d", "holidays"], "unknown dataset"),
+    (["-d", "rparis6k"], "no ground truth for rparis6k"),
+    (["-w", "retrieval-SfM-30k"], "no whitening pairs"),
+    (["--image-size", "0"], "must be > 0"),
+])
+def test_eval_cli_bad_input_is_one_line_exit_2(eval_setup, capsys, extra, message):
+    try:
+        code = main(_eval_args(eval_setup, *extra))
+    except SystemExit as exit_:  # argparse type errors exit from inside parse_args
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "amldist.cli.data",
     "amldist.cli.nets",
     "amldist.cli.features",
+    "amldist.cli.eval",
 )
 
 

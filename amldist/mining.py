@@ -204,7 +204,8 @@ def take_first(keep: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
 def mean_negative_distance(anchor_vecs: np.ndarray, pool_vecs: np.ndarray, positions: np.ndarray) -> float:
     """Mean over anchors and negatives of sqrt(sum((a - n + 1e-6)^2)), cirtorch's mining health figure."""
     anchors = np.asarray(anchor_vecs, dtype=np.float32)[:, None, :]  # (Q, 1, D)
-    negatives = np.asarray(pool_vecs[positions.ravel()], dtype=np.float32).reshape(*positions.shape, -1)
+    negatives = np.asarray(pool_vecs[positions.ravel()], dtype=np.float32).reshape(*positions.shape,
+                                                                                   anchors.shape[-1])
     distances = np.sqrt(((anchors - negatives + DISTANCE_EPS) ** 2).sum(axis=-1))  # (Q, N)
     return float(distances.mean()) if distances.size else 0.0
 

@@ -113,6 +113,13 @@ def test_torch_topk_search_equals_faiss():
     assert by_torch[1] == pytest.approx(by_faiss[1])
 
 
+def test_no_anchors_give_no_negatives():
+    _, pool, ids, clusters, _ = mining_case(0)
+    negatives, mean_dist = mining.select_hard_negatives(np.zeros((0, pool.shape[1]), np.float32), pool, ids,
+                                                        clusters, np.zeros(0, np.int64), 5)
+    assert negatives.shape == (0, 5) and mean_dist == 0.0
+
+
 def test_too_few_clusters_is_a_user_error():
     anchors, pool, ids, clusters, anchor_clusters = mining_case(6, num_clusters=4, per_cluster=5, num_anchors=3)
     with pytest.raises(UserError, match="clusters"):

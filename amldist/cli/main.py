@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "amldist.cli.nets",
     "amldist.cli.features",
     "amldist.cli.eval",
+    "amldist.cli.train",
 )
 
 

@@ -1,0 +1,57 @@
+"""Optimiser, learning-rate schedule and train mode of the student, as cirtorch/aml set them (no Ray).
+
+- Parameter groups from `RetrievalNet.param_groups`: GeM's p at 10x the rate without weight decay.
+- SGD (momentum, weight decay) or Adam, from `config.optim`.
+- ExponentialLR with gamma = optim.lr_decay (0.99 per epoch, §4.1), stepped at the *start* of every
+  epoch as the reference does, so epoch e (0-based) runs at lr * gamma^(e + 1).
+- Train mode with every BatchNorm in eval mode: running statistics stay frozen (the reference trains
+  from ImageNet statistics with batches of one image), affine weights still learn. Frozen statistics
+  are also what makes a padded batch embed exactly like one image at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from amldist.errors import UserError
+from amldist.nets import freeze_batchnorm
+
+
+def make_optimizer(net: nn.Module, optim) -> torch.optim.Optimizer:
+    """`optim` is a config.OptimConfig; `net` a RetrievalNet (the module inside DDP)."""
+    groups = net.param_groups(optim.lr, optim.weight_decay)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    raise UserError(f"optim.optimizer: unknown optimizer {optim.optimizer!r}; choose sgd or adam")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, lr_decay: float) -> torch.optim.lr_scheduler.ExponentialLR:
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
+
+
+def start_epoch_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """Step the schedule at the start of an epoch (the reference's order); returns the epoch's base lr."""
+    with warnings.catch_warnings():  # torch warns that step() precedes optimizer.step(): intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return float(scheduler.optimizer.param_groups[0]["lr"])
+
+
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """model.train() with BatchNorm statistics frozen (call again after any eval-mode pass)."""
+    model.train()
+    return freeze_batchnorm(model)
+
+
+def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every BatchNorm running mean and variance (to check that they stay frozen)."""
+    stats = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            stats += [module.running_mean.detach().clone(), module.running_var.detach().clone()]
+    return stats

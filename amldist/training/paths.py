@@ -1,0 +1,158 @@
+"""Where a training run reads its inputs, checked up front with the exact command that fixes each gap.
+
+Inputs (docs/ARCHITECTURE.md layout):
+- the split pkl `ROOT/train/<dataset>/<dataset>.pkl` (`amldist data synth` or `amldist data download`);
+- shards of its train and val splits, `data.shards` or `ROOT/shards/<dataset>-<image_size>/`
+  (`amldist data shards`);
+- with a teacher, its feature store of the train split, `data.teacher_features` or
+  `ROOT/features/<teacher>/<dataset>-<image_size>/train` (`amldist features`), and one of the val split
+  beside it (`.../val`, or `<store>-val` for a store named otherwise), computed by the driver from the
+  same teacher network when missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePath
+
+from amldist.datasets import formats, layout
+from amldist.errors import UserError
+from amldist.feature_store import FeatureStore, file_sha256
+from amldist.nets import TEACHERS
+from amldist.training.plan import SplitLabels
+
+log = logging.getLogger(__name__)
+
+TEACHER_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    root: str
+    db_file: str
+    train_shards: str
+    val_shards: str
+    train_store: str | None = None
+    val_store: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingPaths:
+        return cls(**data)
+
+
+def teacher_label(teacher: str) -> str:
+    """A folder name for a teacher: its public name, or `<folder>-<file stem>` of a network file."""
+    if teacher in TEACHERS:
+        return teacher
+    path = PurePath(teacher)
+    stem = path.name
+    while PurePath(stem).suffix in TEACHER_SUFFIXES:
+        stem = PurePath(stem).stem
+    return f"{path.parent.name}-{stem}" if path.parent.name else stem
+
+
+def default_store_dir(config, split: str = "train") -> Path:
+    data = config.data
+    return (Path(data.root) / "features" / teacher_label(config.model.teacher)
+            / f"{data.dataset}-{data.image_size}" / split)
+
+
+def val_store_dir(train_store: Path) -> Path:
+    return train_store.parent / "val" if train_store.name == "train" else train_store.with_name(f"{train_store.name}-val")
+
+
+def shard_root(config) -> Path:
+    data = config.data
+    return Path(data.shards) if data.shards else layout.shards_dir(data.root, data.dataset, data.image_size)
+
+
+def _quote(path) -> str:
+    return shlex.quote(str(path))
+
+
+def shards_command(config) -> str:
+    data = config.data
+    out = "" if not data.shards else f" --out {_quote(data.shards)}"
+    return (f"amldist data shards --root {_quote(data.root)} --dataset {data.dataset} "
+            f"--image-size {data.image_size}{out}")
+
+
+def features_command(config, split_dir: Path, out: Path) -> str:
+    teacher = config.model.teacher
+    network = teacher if teacher not in TEACHERS else f"<retrievalSfM120k-{teacher}-gem network file>"
+    return f"amldist features --network {_quote(network)} --shards {_quote(split_dir)} --out {_quote(out)}"
+
+
+def resolve_paths(config) -> TrainingPaths:
+    """Check every input of a run exists; UserError naming the command that creates a missing one."""
+    data = config.data
+    db_file = layout.train_db_path(data.root, data.dataset)
+    if not db_file.is_file():
+        raise UserError(f"no training split file {db_file}; create the data root with `amldist data synth "
+                        f"--root {_quote(data.root)}` or `amldist data download`")
+    shards = shard_root(config)
+    for split in ("train", "val"):
+        if not (shards / split / "manifest.json").is_file():
+            raise UserError(f"no {split} shards in {shards / split}; write them with `{shards_command(config)}`")
+    if config.model.teacher is None:
+        return TrainingPaths(str(data.root), str(db_file), str(shards / "train"), str(shards / "val"))
+    train_store = Path(data.teacher_features) if data.teacher_features else default_store_dir(config)
+    if not (train_store / "manifest.json").is_file():
+        raise UserError(f"no teacher features in {train_store}; compute them with "
+                        f"`{features_command(config, shards / 'train', train_store)}`")
+    return TrainingPaths(str(data.root), str(db_file), str(shards / "train"), str(shards / "val"),
+                         str(train_store), str(val_store_dir(train_store)))
+
+
+def read_labels(paths: TrainingPaths) -> tuple[SplitLabels, SplitLabels]:
+    """(train, val) labels of the run's split file."""
+    splits = formats.read_sfm_db(paths.db_file)
+    for name in ("train", "val"):
+        if name not in splits:
+            raise UserError(f"{paths.db_file} has no {name!r} split")
+    return SplitLabels.from_split(splits["train"]), SplitLabels.from_split(splits["val"])
+
+
+def store_expectations(config, split: str, count: int) -> dict:
+    """Manifest fields a teacher store of `split` must match for this run."""
+    expected = {"dataset": config.data.dataset, "split": split, "count": int(count)}
+    teacher = Path(config.model.teacher).expanduser()
+    if config.model.teacher not in TEACHERS and teacher.is_file():
+        expected["network_sha256"] = file_sha256(teacher)
+    return expected
+
+
+def check_train_store(config, paths: TrainingPaths, num_images: int, student_dim: int) -> FeatureStore:
+    """Open the train store, require it to match this split and teacher, and its d to be the student's."""
+    store = FeatureStore.open(paths.train_store, expected=store_expectations(config, "train", num_images),
+                              verify=False)
+    if store.dim != student_dim:
+        raise UserError(f"the teacher features in {paths.train_store} have d={store.dim}, the student's "
+                        f"descriptors d={student_dim}; set model.projection_dim={store.dim}")
+    return store
+
+
+def ensure_val_store(config, paths: TrainingPaths, train_store: FeatureStore, num_images: int,
+                     num_workers: int = 0) -> FeatureStore:
+    """The teacher's vectors of the val split, computed with the train store's network when missing."""
+    expected = {**store_expectations(config, "val", num_images),
+                "network_sha256": train_store.manifest["network_sha256"]}
+    if (Path(paths.val_store) / "manifest.json").is_file():
+        try:
+            return FeatureStore.open(paths.val_store, expected=expected, verify=False)
+        except UserError as err:
+            log.info("recomputing the val teacher features: %s", err)
+    network = Path(train_store.manifest["network"])
+    if not network.is_file():
+        raise UserError(f"no val teacher features in {paths.val_store} and the teacher network {network} is not "
+                        f"here to compute them; run `{features_command(config, Path(paths.val_shards), Path(paths.val_store))}`")
+    from amldist.cli.features import compute_features
+
+    log.info("computing the teacher's val features into %s", paths.val_store)
+    return compute_features(network, paths.val_shards, paths.val_store, image_size=train_store.manifest["image_size"],
+                            scales=train_store.manifest["scales"], num_workers=num_workers)

@@ -1,0 +1,168 @@
+"""The training step on a batch of tuples (no Ray).
+
+asym (3): only the anchors go through the student, as one zero-padded batch (`RetrievalNet` pools each
+image over its valid region); positives, negatives and g(a) are stored teacher vectors.
+sym (2) and the relational losses: every distinct image of the tuples goes through the student, in
+batches of nearly equal shapes (`amldist.batching.bucket_by_shape`).
+
+The student is wrapped in `TupleEmbedder`, whose single forward embeds all of a step's batches, so DDP
+sees one forward per backward whatever the number of shape buckets.
+
+Loss scale: cirtorch/aml back-propagate every tuple's loss and accumulate, i.e. the gradient of the sum
+over the `batch_size` tuples of a global batch. Under DDP each rank holds a part of that batch and DDP
+averages the ranks' gradients, so each rank back-propagates `world_size * sum(its tuple losses)`
+(divided by the global batch size for reduction "mean"): the average over ranks is then exactly the
+gradient of the global sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from amldist.batching import bucket_by_shape, pad_batch
+from amldist.losses import TupleBatch
+from amldist.training.plan import LABELLED, REGRESSION, RELATIONAL, TupleSpec
+
+# Sym buckets: an image must fill at least 75% of its padded batch (fewer, larger batches).
+SYM_MAX_PAD_FRAC = 0.25
+
+
+class TupleEmbedder(nn.Module):
+    """One forward for all image batches of a step: list of (images (B, 3, H, W), valid_hw (B, 2))
+    -> list of descriptors (B, D)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batches: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        return [self.net(images, valid_hw) for images, valid_hw in batches]
+
+
+@dataclass(frozen=True)
+class StepTuples:
+    """The tuples one rank trains on in one step, as image ids."""
+
+    anchors: np.ndarray    # (b,)
+    positives: np.ndarray  # (b, P), P may be 0
+    negatives: np.ndarray  # (b, N): negatives, or a relational loss's random examples; N may be 0
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+
+def student_image_ids(spec: TupleSpec, tuples: StepTuples) -> np.ndarray:
+    """The distinct images the student embeds in this step, sorted: (U,). An image that appears in
+    several tuples is embedded once; its gradient contributions add up as if embedded each time."""
+    parts = [tuples.anchors]
+    if spec.students_references:
+        parts += [tuples.positives.ravel(), tuples.negatives.ravel()]
+    return np.unique(np.concatenate(parts))
+
+
+def teacher_image_ids(spec: TupleSpec, tuples: StepTuples) -> np.ndarray:
+    """The distinct images whose teacher vectors the step reads, sorted: (T,), possibly empty."""
+    parts = []
+    if spec.use_self or spec.kind == RELATIONAL:
+        parts.append(tuples.anchors)
+    if spec.kind == RELATIONAL or (spec.kind == LABELLED and spec.asym):
+        parts += [tuples.positives.ravel(), tuples.negatives.ravel()]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+class VectorTable:
+    """Vectors of a sorted set of image ids; `rows(ids)` gathers them in any shape: ids (...) -> (..., D)."""
+
+    def __init__(self, ids: np.ndarray, vectors: Tensor):
+        order = np.argsort(ids, kind="stable")
+        self.ids = np.asarray(ids, np.int64)[order]
+        self.vectors = vectors[torch.as_tensor(order, device=vectors.device)] if len(order) else vectors
+
+    def rows(self, ids: np.ndarray) -> Tensor:
+        ids = np.asarray(ids, np.int64)
+        where = np.searchsorted(self.ids, ids.ravel())
+        if ids.size and (where.max() >= len(self.ids) or not np.array_equal(self.ids[where], ids.ravel())):
+            raise KeyError("an image id is missing from the vector table")
+        picked = self.vectors[torch.as_tensor(where, device=self.vectors.device)]
+        return picked.reshape(*ids.shape, self.vectors.shape[-1])
+
+
+def tuple_batch(spec: TupleSpec, tuples: StepTuples, student: VectorTable, teacher: VectorTable | None
+                ) -> TupleBatch:
+    """The loss's view of the step: who embeds what depends on the tuple kind and the similarity."""
+    anchors = student.rows(tuples.anchors)  # (b, D)
+    self_refs = teacher.rows(tuples.anchors) if spec.use_self else None
+    if spec.kind == REGRESSION:
+        return TupleBatch(anchors=anchors, anchor_teacher=self_refs)
+    if spec.kind == RELATIONAL:
+        group = np.concatenate([tuples.anchors[:, None], tuples.negatives], axis=1)  # (b, K)
+        return TupleBatch(student=student.rows(group), teacher=teacher.rows(group))
+    references = student if not spec.asym else teacher
+    positives = references.rows(tuples.positives) if tuples.positives.shape[1] else None
+    negatives = references.rows(tuples.negatives) if tuples.negatives.shape[1] else None
+    return TupleBatch(anchors=anchors, positives=positives, negatives=negatives, anchor_teacher=self_refs)
+
+
+@dataclass
+class StepSettings:
+    """How a step runs on this worker."""
+
+    device: torch.device
+    world_size: int = 1
+    global_batch: int = 10               # tuples per global batch (run.batch_size)
+    reduction: str = "sum"
+    amp_dtype: torch.dtype | None = None  # bf16 autocast on GPU
+    channels_last: bool = False
+    sym_max_pad_frac: float = SYM_MAX_PAD_FRAC
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on a rank's summed tuple losses so DDP's mean over ranks gives the global sum (or mean)."""
+        return self.world_size / (self.global_batch if self.reduction == "mean" else 1)
+
+
+def image_batches(images: Sequence[Tensor], one_batch: bool, max_pad_frac: float) -> list[tuple[list[int], Tensor, Tensor]]:
+    """(positions, padded images (B, 3, H, W), valid_hw (B, 2)) per batch: one batch, or shape buckets."""
+    if one_batch:
+        groups = [list(range(len(images)))]
+    else:
+        shapes = [tuple(image.shape[1:]) for image in images]
+        groups = bucket_by_shape(shapes, max_batch=len(images), max_pad_frac=max_pad_frac)
+    return [(group, *pad_batch([images[i] for i in group])) for group in groups]
+
+
+def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarray, settings: StepSettings,
+                   one_batch: bool) -> VectorTable:
+    """Student descriptors (U, D) of the step's images, with gradients, as a table by image id."""
+    batches = image_batches(images, one_batch, settings.sym_max_pad_frac)
+    inputs = []
+    for _, pixels, valid_hw in batches:
+        pixels = pixels.to(settings.device, non_blocking=True)
+        if settings.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        inputs.append((pixels, valid_hw.to(settings.device)))
+    with torch.autocast(settings.device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
+        outputs = embedder(inputs)
+    order = np.concatenate([positions for positions, _, _ in batches])
+    descriptors = torch.cat([out.float() for out in outputs])  # (U, D) in `order`
+    return VectorTable(np.asarray(ids)[order], descriptors)
+
+
+def loss_and_backward(embedder: nn.Module, loss_fn, spec: TupleSpec, tuples: StepTuples, images: Sequence[Tensor],
+                      teacher: VectorTable | None, settings: StepSettings) -> Tensor:
+    """Forward the step's images, compute the loss of its tuples, back-propagate the scaled sum.
+
+    `images[i]` is the normalised (3, h, w) tensor of `student_image_ids(spec, tuples)[i]`. Returns the
+    per-tuple losses (b,), detached. The optimiser step is the caller's (gradient accumulation)."""
+    ids = student_image_ids(spec, tuples)
+    if len(images) != len(ids):
+        raise ValueError(f"expected {len(ids)} images for the step, got {len(images)}")
+    student = embed_for_step(embedder, images, ids, settings, one_batch=not spec.students_references)
+    losses = loss_fn(tuple_batch(spec, tuples, student, teacher))  # (b,)
+    (losses.sum() * settings.loss_scale).backward()
+    return losses.detach()

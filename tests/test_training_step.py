@@ -1,0 +1,161 @@
+"""The training step: gradients equal the reference's one-image-at-a-time sum (also split over ranks as DDP
+averages them), asym sends only anchors through the student, BatchNorm statistics stay frozen."""
+
+import numpy as np
+import pytest
+import torch
+
+from amldist.losses import TupleBatch, build_loss
+from amldist.nets import create_net
+from amldist.training.optim import batchnorm_stats, make_optimizer, set_train_mode
+from amldist.training.plan import LABELLED, RELATIONAL, TupleSpec
+from amldist.training.step import (
+    StepSettings,
+    StepTuples,
+    TupleEmbedder,
+    VectorTable,
+    loss_and_backward,
+    student_image_ids,
+    teacher_image_ids,
+    tuple_batch,
+)
+
+SIZES = [(32, 40), (40, 32), (36, 36)]
+NUM_IMAGES, DIM = 14, 128
+
+
+@pytest.fixture()
+def images():
+    gen = torch.Generator().manual_seed(0)
+    return {i: torch.randn(3, *SIZES[i % len(SIZES)], generator=gen) for i in range(NUM_IMAGES)}
+
+
+@pytest.fixture()
+def tuples():
+    anchors = np.array([0, 1, 2, 3])
+    positives = np.array([[4], [5], [6], [7]])
+    negatives = np.array([[8, 9], [10, 11], [12, 8], [9, 13]])  # 8 and 9 are negatives twice
+    return StepTuples(anchors, positives, negatives)
+
+
+def frozen_net(seed=0):
+    torch.manual_seed(seed)
+    return set_train_mode(create_net("small_cnn", "gem", None, pretrained=False))
+
+
+def grads(net):
+    return [p.grad.detach().clone() for p in net.parameters()]
+
+
+def images_of(spec, step, images):
+    return [images[int(i)] for i in student_image_ids(spec, step)]
+
+
+def reference_gradients(net, loss_fn, step: StepTuples, images):
+    """cirtorch/aml: every image of a tuple alone through the net, loss per tuple, backward at once."""
+    net.zero_grad()
+    for b in range(len(step)):
+        def one(i):
+            return net(images[int(i)][None])  # (1, D)
+        anchor = one(step.anchors[b])
+        positives = torch.cat([one(i) for i in step.positives[b]])[None]  # (1, P, D)
+        negatives = torch.cat([one(i) for i in step.negatives[b]])[None]  # (1, N, D)
+        loss_fn(TupleBatch(anchors=anchor, positives=positives, negatives=negatives)).sum().backward()
+    return grads(net)
+
+
+def take(step: StepTuples, rows) -> StepTuples:
+    return StepTuples(step.anchors[rows], step.positives[rows], step.negatives[rows])
+
+
+def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples):
+    spec = TupleSpec(LABELLED, asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
+    loss_fn = build_loss("contrastive", margin=0.5)
+    net = frozen_net()
+    want = reference_gradients(net, loss_fn, tuples, images)
+
+    net.zero_grad()
+    settings = StepSettings(device=torch.device("cpu"), world_size=1, global_batch=len(tuples))
+    losses = loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, images_of(spec, tuples, images), None,
+                               settings)
+    single = grads(net)
+    assert losses.shape == (4,)
+
+    # Two ranks, two tuples each; DDP averages their gradients.
+    per_rank = []
+    for rows in ([0, 1], [2, 3]):
+        net.zero_grad()
+        part = take(tuples, rows)
+        loss_and_backward(TupleEmbedder(net), loss_fn, spec, part, images_of(spec, part, images), None,
+                          StepSettings(device=torch.device("cpu"), world_size=2, global_batch=len(tuples)))
+        per_rank.append(grads(net))
+    ddp = [(a + b) / 2 for a, b in zip(*per_rank)]
+    scale = max(float(g.abs().max()) for g in want)
+    assert scale > 0
+    for w, s, d in zip(want, single, ddp):
+        torch.testing.assert_close(s, w, atol=1e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(d, w, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_mean_reduction_divides_by_the_global_batch():
+    assert StepSettings(device=torch.device("cpu"), world_size=4, global_batch=10).loss_scale == 4
+    assert StepSettings(device=torch.device("cpu"), world_size=4, global_batch=10, reduction="mean").loss_scale == 0.4
+
+
+def test_asym_step_embeds_only_the_anchors(images, tuples):
+    spec = TupleSpec(LABELLED, asym=True, num_positives=1, num_negatives=2, use_self=True, mining="hard")
+    assert student_image_ids(spec, tuples).tolist() == [0, 1, 2, 3]
+    teacher_ids = teacher_image_ids(spec, tuples)
+    assert set(teacher_ids.tolist()) == set(range(NUM_IMAGES))  # positives, negatives and g(a)
+    net = frozen_net()
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    teacher = VectorTable(teacher_ids, torch.randn(len(teacher_ids), DIM))
+    settings = StepSettings(device=torch.device("cpu"), global_batch=len(tuples))
+    losses = loss_and_backward(TupleEmbedder(net), build_loss("contrastive_plus"), spec, tuples,
+                               images_of(spec, tuples, images), teacher, settings)
+    assert seen == [4]  # one padded batch holding the four anchors, nothing else
+    assert torch.isfinite(losses).all()
+    with pytest.raises(ValueError, match="expected 4 images"):
+        loss_and_backward(TupleEmbedder(net), build_loss("contrastive_plus"), spec, tuples,
+                          [images[i] for i in range(8)], teacher, settings)
+
+
+def test_relational_groups_go_through_the_student_with_teacher_groups():
+    spec = TupleSpec(RELATIONAL, asym=False, num_positives=0, num_negatives=3, use_self=False, mining="random")
+    step = StepTuples(np.array([0, 5]), np.zeros((2, 0), np.int64), np.array([[1, 2, 3], [6, 7, 1]]))
+    assert student_image_ids(spec, step).tolist() == [0, 1, 2, 3, 5, 6, 7]
+    ids = np.arange(8)
+    student = VectorTable(ids, torch.arange(8.0)[:, None].repeat(1, 4))
+    teacher = VectorTable(ids, -torch.arange(8.0)[:, None].repeat(1, 4))
+    batch = tuple_batch(spec, step, student, teacher)
+    assert batch.student.shape == (2, 4, 4) and batch.teacher.shape == (2, 4, 4)
+    assert batch.student[1, :, 0].tolist() == [5, 6, 7, 1]  # anchor first, then its examples
+    assert batch.teacher[1, :, 0].tolist() == [-5, -6, -7, -1]
+
+
+def test_vector_table_gathers_in_any_shape_and_refuses_unknown_ids():
+    table = VectorTable(np.array([7, 3, 5]), torch.tensor([[7.0], [3.0], [5.0]]))
+    assert table.rows(np.array([[5, 7], [3, 3]]))[..., 0].tolist() == [[5, 7], [3, 3]]
+    with pytest.raises(KeyError):
+        table.rows(np.array([4]))
+
+
+def test_batchnorm_statistics_stay_frozen_while_weights_learn(images, tuples):
+    spec = TupleSpec(LABELLED, asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
+    net = frozen_net()
+    before = batchnorm_stats(net)
+    bn_weight = net.features[1].weight.detach().clone()
+    optimizer = make_optimizer(net, type("Optim", (), {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+                                                       "weight_decay": 1e-6})())
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_and_backward(TupleEmbedder(net), build_loss("contrastive"), spec, tuples, images_of(spec, tuples, images),
+                          None, StepSettings(device=torch.device("cpu"), global_batch=len(tuples)))
+        optimizer.step()
+    for old, new in zip(before, batchnorm_stats(net)):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    assert not torch.equal(net.features[1].weight, bn_weight)  # the affine part still trains
+    net.train()  # the control: un-frozen BatchNorm would have moved
+    net(torch.stack([images[0], images[0]]))
+    assert any(not torch.equal(old, new) for old, new in zip(before, batchnorm_stats(net)))

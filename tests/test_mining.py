@@ -113,6 +113,15 @@ def test_torch_topk_search_equals_faiss():
     assert by_torch[1] == pytest.approx(by_faiss[1])
 
 
+@pytest.mark.gpu
+def test_torch_topk_search_on_the_gpu_equals_faiss():
+    anchors, pool, ids, clusters, anchor_clusters = mining_case(5)
+    on_gpu = mining.torch_topk_search(pool, device="cuda")
+    by_gpu = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5, search=on_gpu)
+    by_faiss = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5)
+    np.testing.assert_array_equal(by_gpu[0], by_faiss[0])
+
+
 def test_no_anchors_give_no_negatives():
     _, pool, ids, clusters, _ = mining_case(0)
     negatives, mean_dist = mining.select_hard_negatives(np.zeros((0, pool.shape[1]), np.float32), pool, ids,

@@ -56,7 +56,7 @@ def _cluster_address_set() -> bool:
 
 
 def embed_distributed(model: torch.nn.Module, images: extract.ImageSource, *, num_workers: int,
-                      image_size: int = 1024, scales: Sequence[float] = (1.0,), batch_size: int = 16,
+                      image_size: int = 1024, scales: Sequence[float] = (1.0,), batch_size: int | None = None,
                       autocast: Any = None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                       decode_workers: int = 0) -> np.ndarray:
     """Like `extract.embed`, spread over `num_workers` Ray tasks at a time: (N, D) float32.

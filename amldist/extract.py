@@ -35,7 +35,10 @@ from amldist.errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
-DEFAULT_BATCH_SIZE = 16
+# Images per forward pass when the caller does not say. On the GPU batching is the point; on a CPU
+# large batches of ~1024 px images gain little (MobileNetV2's wide depthwise layers even lose, see
+# docs/BENCHMARKS.md "Extraction") and cost a lot of memory, so the CPU default stays small.
+DEFAULT_BATCH_SIZE = {"cuda": 16, "cpu": 4}
 DEFAULT_MAX_PAD_FRAC = 0.1
 NORM_EPS = 1e-6
 
@@ -306,12 +309,14 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def embed(model: torch.nn.Module, images: ImageSource, *, image_size: int = 1024,
           scales: Sequence[float] = (1.0,), device: str | torch.device | None = None,
-          batch_size: int = DEFAULT_BATCH_SIZE, autocast: Any = None, num_workers: int = 0,
+          batch_size: int | None = None, autocast: Any = None, num_workers: int = 0,
           max_pad_frac: float = DEFAULT_MAX_PAD_FRAC, desc: str = "extract") -> np.ndarray:
     """Descriptors of every image of `images`: (N, D) float32, row i = image i, L2-normalised.
 
     `device=None` keeps the model where it is; otherwise the model is moved there. `batch_size=1`
-    is the reference's one-image-at-a-time loop. The model is put in eval mode and restored after.
+    is the reference's one-image-at-a-time loop; None picks DEFAULT_BATCH_SIZE for the device.
+    `autocast`: None = bf16 on CUDA and off on CPU; False; 'bf16'/'fp16'. `num_workers`: DataLoader
+    processes decoding images. The model is put in eval mode and restored after.
     """
     scales = [float(s) for s in scales]
     if not scales or any(not 0 < s <= 8 for s in scales):
@@ -320,6 +325,8 @@ def embed(model: torch.nn.Module, images: ImageSource, *, image_size: int = 1024
         return np.zeros((0, int(_meta_value(model, "outputdim", 0) or 0)), np.float32)
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device)
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"])
     shapes = [input_size(images, i, image_size) for i in range(len(images))]
     buckets = batching.bucket_by_shape(shapes, max_batch=batch_size, max_pad_frac=max_pad_frac)
     loader = torch.utils.data.DataLoader(

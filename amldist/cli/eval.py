@@ -56,7 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--image-size", "-imsize", type=positive_int, default=1024,
                         help="longest image side (default 1024)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="images per forward pass (default: 16 on a GPU, 4 on the CPU)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (default 2)")
     parser.add_argument("--ray-workers", type=int, default=0,
                         help="extract the distractors with this many Ray tasks (default 0: this process)")
@@ -139,7 +140,7 @@ class Extractor:
     image_size: int
     scales: list[float]
     device: str
-    batch_size: int
+    batch_size: int | None
     workers: int
     ray_workers: int
     cache: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict)
@@ -157,15 +158,18 @@ class Extractor:
             raise UserError(f"{len(missing)} image(s) of {dataset}/{split} are missing, e.g. {missing[0]}")
         return FileSource.from_records(records)
 
-    def descriptors(self, network: LoadedNet, dataset: str, split: str, count: int) -> np.ndarray:
+    def descriptors(self, network: LoadedNet, dataset: str, split: str, count: int,
+                    distributed: bool = False) -> np.ndarray:
+        """(count, D) descriptors; `distributed` spreads them over --ray-workers Ray tasks when asked."""
         key = (network.role, dataset, split)
         if key not in self.cache:
-            self.cache[key] = self._embed(network, self.source(dataset, split, count), f"{network.role} {dataset}/{split}")
+            source = self.source(dataset, split, count)
+            self.cache[key] = self._embed(network, source, f"{network.role} {dataset}/{split}", distributed)
         return self.cache[key]
 
-    def _embed(self, network: LoadedNet, source, desc: str) -> np.ndarray:
+    def _embed(self, network: LoadedNet, source, desc: str, distributed: bool) -> np.ndarray:
         options = {"image_size": self.image_size, "scales": self.scales, "batch_size": self.batch_size}
-        if self.ray_workers > 0 and len(source) > 10 * self.batch_size:
+        if distributed and self.ray_workers > 0:
             from amldist.distributed_extract import embed_distributed
 
             gpus = 1.0 if self.device.startswith("cuda") else 0.0
@@ -242,7 +246,7 @@ def evaluate_mode(mode: str, student: LoadedNet, teacher: LoadedNet | None, data
         distractors = None
         if args.distractors:
             count = len(formats.list_images(args.data_root, args.distractors)["db"])
-            distractors = extractor.descriptors(db_net, args.distractors, "db", count)
+            distractors = extractor.descriptors(db_net, args.distractors, "db", count, distributed=True)
         key = dataset + (f"+{args.distractors}" if args.distractors else "")
         out[key] = {"raw": evaluate.evaluate_descriptors(db, queries, truth.gnd, distractors)}
         if lw is not None:

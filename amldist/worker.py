@@ -49,7 +49,7 @@ from amldist.wandb_log import RunLog
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_EVERY = 5      # epochs between hard-negative grids in wandb
+DEFAULT_IMAGE_EVERY = 5      # epochs between records of the fixed anchors' negatives (negatives.jsonl, wandb)
 DEFAULT_MAX_FAILURES = 2
 CHECKPOINTS_KEPT = 2
 
@@ -133,8 +133,8 @@ def _open_run_log(loop_config: dict, config: Config, progress: Progress) -> RunL
 def _run_epoch(trainer: Trainer, progress: Progress, epoch: int, loop_config: dict, run_log: RunLog | None) -> None:
     config = trainer.config
     every = int(loop_config.get("image_every") or 0)
-    wants_grid = run_log is not None and run_log.run is not None and every > 0 and epoch % every == 0
-    outcome = trainer.run_epoch(epoch, progress, with_probes=wants_grid)
+    wants_probes = run_log is not None and every > 0 and epoch % every == 0
+    outcome = trainer.run_epoch(epoch, progress, with_probes=wants_probes)
     progress.epochs_done = epoch + 1
     metrics = {"epoch": epoch, **outcome.metrics, "global_step": progress.global_step}
     if run_log is not None:
@@ -143,8 +143,9 @@ def _run_epoch(trainer: Trainer, progress: Progress, epoch: int, loop_config: di
         run_log.log_epoch(epoch, metrics)
         if outcome.probes is not None:
             append_negatives(loop_config["run_dir"], epoch, outcome.probes, outcome.probe_negatives)  # Fig. 2 data
-            run_log.log_image(epoch, "hard_negatives", _grid(trainer, outcome.probes, outcome.probe_negatives),
-                              caption=f"epoch {epoch}: anchors (green) and their mined negatives (red)")
+            if run_log.run is not None:
+                run_log.log_image(epoch, "hard_negatives", _grid(trainer, outcome.probes, outcome.probe_negatives),
+                                  caption=f"epoch {epoch}: anchors (green) and their mined negatives (red)")
         log.info("epoch %d/%d: %s", epoch + 1, config.run.epochs, _summary(metrics))
     last = epoch == config.run.epochs - 1
     due = last or (config.run.save_freq and (epoch + 1) % config.run.save_freq == 0)

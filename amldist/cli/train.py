@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     log_group.add_argument("--wandb", choices=("off", "offline", "online", "auto"), default=None,
                            help="Weights & Biases mode (default: auto if run.wandb, else off; auto = online "
                                 "with WANDB_API_KEY, else offline)")
-    log_group.add_argument("--image-every", type=int, default=5, help="epochs between hard-negative grids (0: none)")
+    log_group.add_argument("--image-every", type=int, default=5,
+                           help="epochs between records of a few anchors' mined negatives "
+                                "(negatives.jsonl, wandb grid; 0: none)")
 
 
 def config_of(args: argparse.Namespace):

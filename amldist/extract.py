@@ -169,7 +169,7 @@ class SubsetSource:
 
 def thumbnail_size(width: int, height: int, max_side: float) -> tuple[int, int]:
     """(w, h) that PIL's `thumbnail((max_side, max_side))` produces: aspect kept, never upscaled."""
-    box = math.floor(max_side)
+    box = max(1, math.floor(max_side))
     if box >= width and box >= height:
         return width, height
     aspect = width / height
@@ -177,22 +177,23 @@ def thumbnail_size(width: int, height: int, max_side: float) -> tuple[int, int]:
     def closest(number: float, error) -> int:
         return max(min(math.floor(number), math.ceil(number), key=error), 1)
 
-    if box / box >= aspect:  # taller than wide: height is the limit
+    if aspect <= 1:  # taller than wide: height is the limit
         return closest(box * aspect, lambda n: abs(aspect - n / box)), box
     return box, closest(box / aspect, lambda n: 0 if n == 0 else abs(aspect - box / n))
 
 
 def crop_box(bbx: Box, stored_size: tuple[int, int], original_size: tuple[int, int]) -> tuple[int, ...]:
-    """The bbx (original pixels) in stored-image pixels, rounded as PIL's crop rounds."""
+    """The bbx (original pixels) in stored-image pixels, rounded as PIL's crop rounds, at least 1 px."""
     scale = stored_size[0] / original_size[0]
-    return tuple(round(float(v) * scale) for v in bbx)
+    x1, y1, x2, y2 = (round(float(v) * scale) for v in bbx)
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
 
 
 def query_max_side(bbx: Box, original_size: tuple[int, int], image_size: int) -> float:
     """cirtorch's scale rule: the crop is resized by the factor the full image would get,
     image_size * max(crop w, crop h) / max(full w, full h)."""
     x1, y1, x2, y2 = (round(float(v)) for v in bbx)
-    return image_size * max(x2 - x1, y2 - y1) / max(original_size)
+    return max(1.0, image_size * max(x2 - x1, y2 - y1) / max(original_size))
 
 
 def input_size(source: ImageSource, i: int, image_size: int) -> tuple[int, int]:
@@ -202,7 +203,7 @@ def input_size(source: ImageSource, i: int, image_size: int) -> tuple[int, int]:
         w, h = thumbnail_size(*source.size(i), image_size)
         return h, w
     x1, y1, x2, y2 = crop_box(box, source.size(i), source.original_size(i))
-    w, h = thumbnail_size(max(x2 - x1, 1), max(y2 - y1, 1), query_max_side(box, source.original_size(i), image_size))
+    w, h = thumbnail_size(x2 - x1, y2 - y1, query_max_side(box, source.original_size(i), image_size))
     return h, w
 
 

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projection-dim", type=int, default=512, help="students' 1x1 projection (default 512)")
     parser.add_argument("--image-size", type=int, default=None, help="max side (default 1024; quick 256)")
     parser.add_argument("--images", type=int, default=None, help="number of images (default 16; quick 12)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the bucketed pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size of the bucketed pass (default: embed's default, 16 on CUDA, 4 on CPU)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="extraction scales")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds, best kept (default 2; quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader decode workers (both passes)")
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args.image_size = args.image_size or (256 if args.quick else 1024)
     args.images = args.images or (12 if args.quick else 16)
     args.rounds = args.rounds or (1 if args.quick else 2)
+    device_type = torch.device(args.device).type
+    args.batch_size = args.batch_size or extract.DEFAULT_BATCH_SIZE.get(device_type, extract.DEFAULT_BATCH_SIZE["cpu"])
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         result = run(args, Path(tmp))
     result.update(quick=args.quick, python=platform.python_version(), torch=torch.__version__,

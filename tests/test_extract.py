@@ -202,3 +202,11 @@ def test_ray_workers_give_the_same_result_as_one_process(tmp_path, net):
     np.testing.assert_allclose(spread, local, atol=1e-5)
     chunks = distributed_extract.shape_ordered_chunks([(2, 1), (1, 1), (2, 1), (1, 5)], 3)
     assert [list(c) for c in chunks] == [[1, 3], [0], [2]]
+
+
+def test_degenerate_boxes_still_give_an_image(tmp_path):
+    path = _write_images(tmp_path, [(64, 48)])[0]
+    source = extract.FileSource([path], [(10.2, 10.4, 10.3, 10.4)])  # rounds to an empty box
+    img = extract.prepare_image(source, 0, image_size=32)
+    assert img.size == (1, 1) and extract.input_size(source, 0, 32) == (1, 1)
+    assert extract.thumbnail_size(640, 480, 0.4) == (1, 1)

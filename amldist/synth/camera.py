@@ -171,13 +171,16 @@ def warp(scene: Image.Image, view: View) -> Image.Image:
 def _extend(pixels: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
     """Extend the scene beyond its borders with plain sky and ground.
 
-    Each row continues sideways with its typical colour (a median, which ignores clouds and
-    trees), the top with the top row's and the bottom with the bottom row's. Replicating the
-    border pixels instead would smear whatever touches the border into long streaks.
+    Each row continues sideways with the median colour of its outermost pixels, the top with the
+    top row's and the bottom with the bottom row's. Replicating the border pixels instead would
+    smear whatever touches the border into long streaks.
     """
     left, top, right, bottom = pad
     height, width = pixels.shape[:2]
-    row_colour = np.median(pixels[:, :: max(1, width // 64)], axis=1).astype(np.uint8)  # (H, 3)
+    # The outermost columns hold only sky, hills and ground (scenes keep their borders free).
+    edge = max(1, width // 64)
+    border = np.concatenate([pixels[:, :edge], pixels[:, -edge:]], axis=1)  # (H, 2 * edge, 3)
+    row_colour = np.median(border, axis=1).astype(np.uint8)  # (H, 3)
     out = np.empty((height + top + bottom, width + left + right, 3), dtype=np.uint8)
     out[top:top + height, :left] = row_colour[:, None]
     out[top:top + height, left + width:] = row_colour[:, None]

@@ -49,7 +49,7 @@ def sample_look(rng: np.random.Generator, kind: str) -> Look:
                 rng.uniform(0.65, 1.6) if strong else rng.uniform(0.85, 1.2),
                 rng.uniform(0.0, 0.004) if strong else rng.uniform(0.0, 0.0015),
                 rng.uniform(2.0, 12.0) if strong else rng.uniform(0.0, 4.0),
-                rng.uniform(0.0, 0.35), int(rng.integers(60, 91) if strong else rng.integers(80, 96)))
+                rng.uniform(0.0, 0.25), int(rng.integers(60, 91) if strong else rng.integers(80, 96)))
 
 
 def apply_look(image: Image.Image, look: Look, rng: np.random.Generator) -> Image.Image:

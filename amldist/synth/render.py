@@ -49,14 +49,17 @@ def _clouds(image: Image.Image, s: Surroundings, scale: int, rng: np.random.Gene
     if not s.clouds:
         return
     bottom = int(s.horizon * scale)
-    mask = Image.new("L", (scale, bottom), 0)
+    # Clouds are soft: drawn and blurred at a quarter of the resolution, then enlarged.
+    small = 0.25
+    mask = Image.new("L", (max(1, round(scale * small)), max(1, round(bottom * small))), 0)
     draw = SafeDraw(mask)
     for x, y, rx, ry in s.clouds:
         for _ in range(5):  # a cloud is a few overlapping puffs
             px, py = (x + rng.uniform(-rx, rx) * 0.6) * scale, (y + rng.uniform(-ry, ry) * 0.5) * scale
             prx, pry = rx * scale * rng.uniform(0.35, 0.7), ry * scale * rng.uniform(0.6, 1.2)
-            draw.ellipse((px - prx, py - pry, px + prx, py + pry), fill=int(rng.uniform(150, 230)))
-    mask = mask.filter(ImageFilter.GaussianBlur(radius=max(1.0, scale * 0.006)))
+            draw.ellipse([v * small for v in (px - prx, py - pry, px + prx, py + pry)], fill=int(rng.uniform(150, 230)))
+    mask = mask.filter(ImageFilter.GaussianBlur(radius=max(0.5, scale * 0.006 * small)))
+    mask = mask.resize((scale, bottom), Image.BILINEAR)
     white = Image.new("RGB", mask.size, (246, 246, 248))
     region = image.crop((0, 0, scale, bottom))
     image.paste(Image.composite(white, region, mask), (0, 0))

@@ -59,24 +59,20 @@ def wall(kind: str, height: int, width: int, color: RGB, trim: RGB, unit: float,
 
 def ground(pattern: str, height: int, width: int, color: RGB, rng: np.random.Generator) -> np.ndarray:
     """Ground below the horizon; lines converge to a vanishing point to suggest depth."""
-    base = np.empty((height, width, 3), dtype=np.float32)
-    base[:] = color
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    depth = (ys + 2.0) / max(height, 1)  # 0 at the horizon, 1 at the bottom of the scene
+    ys, xs = np.ogrid[0:height, 0:width]
+    depth = (ys.astype(np.float32) + 2.0) / max(height, 1)  # (H, 1): 0 at the horizon, 1 at the bottom
     if pattern == "grass":
-        base *= (1.0 + 0.12 * smooth_noise(rng, height, width, 40) + 0.08 * smooth_noise(rng, height, width, 8)
-                 )[..., None]
-        base *= (1.0 + 0.08 * rng.standard_normal((height, width), dtype=np.float32))[..., None]
+        factor = 1.0 + 0.12 * smooth_noise(rng, height, width, 40) + 0.08 * smooth_noise(rng, height, width, 8)
+        factor += 0.08 * rng.standard_normal((height, width), dtype=np.float32)
     else:
         tile = 0.12 if pattern == "paving" else 0.35
-        along = (xs - width / 2) / (depth * width)  # lateral position in ground units
-        across = 1.0 / depth  # distance from the viewer
-        lines = ((np.abs(along / tile - np.round(along / tile)) < 0.04 / depth.clip(0.2))
-                 | (np.abs(across * 2 / tile - np.round(across * 2 / tile)) < 0.12 * depth))
-        base[lines] *= 0.8
-        base *= (1.0 + 0.06 * smooth_noise(rng, height, width, 25))[..., None]
-    base *= (0.85 + 0.2 * depth)[..., None]  # the far ground is hazier and darker
-    return np.clip(base, 0, 255).astype(np.uint8)
+        along = (xs.astype(np.float32) - width / 2) / (depth * width * tile)  # (H, W) lateral, in tiles
+        across = 2.0 / (depth * tile)  # (H, 1) distance from the viewer, in half tiles
+        lines = ((np.abs(along - np.round(along)) < 0.04 / np.clip(depth, 0.2, None))
+                 | (np.abs(across - np.round(across)) < 0.12 * depth))
+        factor = 1.0 + 0.06 * smooth_noise(rng, height, width, 25) - 0.2 * lines
+    factor *= 0.85 + 0.2 * depth  # the far ground is hazier and darker
+    return np.clip(factor[..., None] * np.asarray(color, dtype=np.float32), 0, 255).astype(np.uint8)
 
 
 def sky(height: int, width: int, top: RGB, bottom: RGB) -> np.ndarray:

@@ -201,4 +201,4 @@ def format_table(results: dict[str, dict[str, dict[str, dict[str, dict[str, floa
                 row = [_cell(scores[s][k] if scores else None) for _, s, k in columns[d]]
                 cells.append(" ".join(row).rjust(widths[d]))
             lines.append(f"{mode:<7} {_VARIANT_LABELS.get(variant, variant):<3} " + " | ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)

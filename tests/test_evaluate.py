@@ -214,14 +214,15 @@ def _tiny_root(root):
 def eval_setup(tmp_path_factory):
     import torch
 
-    from amldist.checkpoints import save_checkpoint
+    from amldist.checkpoints import export_network_file, save_checkpoint
     from amldist.nets import create_net
 
     base = tmp_path_factory.mktemp("eval")
     _tiny_root(base / "data")
-    for seed, name in ((0, "student.pt"), (1, "teacher.pt")):
-        torch.manual_seed(seed)
-        save_checkpoint(base / "nets" / name, create_net("small_cnn", pretrained=False), epoch=0)
+    torch.manual_seed(0)
+    save_checkpoint(base / "nets" / "student.pt", create_net("small_cnn", pretrained=False), epoch=0)
+    torch.manual_seed(1)  # the teacher as a plain cirtorch/aml {'state_dict', 'meta'} network file
+    export_network_file(base / "nets" / "teacher.pt", create_net("small_cnn", pretrained=False))
     return base
 
 

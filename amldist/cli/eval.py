@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "eval", "evaluate a network on ROxford5k/RParis6k (sym and asym testing)", run)
     parser.add_argument("--network", "--network-path", "-npath", required=True, type=existing_file,
                         help="student (or any) network: amldist checkpoint or cirtorch/aml network file")
-    parser.add_argument("--teacher", type=existing_file, default=None, help="teacher network file")
+    parser.add_argument("--teacher", type=existing_file, default=None, help="teacher network file: adds the teacher's own rows, and is the database network of --asym")
     parser.add_argument("--asym", action="store_true",
                         help="also test asymmetrically: student queries against the teacher's database")
     parser.add_argument("--datasets", "-d", default="roxford5k,rparis6k",

@@ -7,7 +7,7 @@ import torch
 
 from amldist.losses import TupleBatch, build_loss
 from amldist.nets import create_net
-from amldist.training.optim import batchnorm_stats, make_optimizer, set_train_mode
+from amldist.training.optim import batchnorm_stats, calibrate_batchnorm, make_optimizer, set_train_mode
 from amldist.training.plan import LABELLED, RELATIONAL, TupleSpec
 from amldist.training.step import (
     StepSettings,
@@ -159,3 +159,18 @@ def test_batchnorm_statistics_stay_frozen_while_weights_learn(images, tuples):
     net.train()  # the control: un-frozen BatchNorm would have moved
     net(torch.stack([images[0], images[0]]))
     assert any(not torch.equal(old, new) for old, new in zip(before, batchnorm_stats(net)))
+
+
+def test_batchnorm_calibration_uses_the_images_statistics(images):
+    net = frozen_net()
+    first_conv, first_norm = net.features[0], net.features[1]
+    chosen = [images[i] for i in range(6)]
+    with torch.no_grad():
+        outputs = [first_conv(image[None]) for image in chosen]  # (1, C, h, w) each
+    # Cumulative average of per-image batch statistics (biased mean, unbiased variance per image).
+    want_mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(dim=0)
+    want_var = torch.stack([o.var(dim=(0, 2, 3), unbiased=True) for o in outputs]).mean(dim=0)
+    assert calibrate_batchnorm(net, iter(chosen)) == 6
+    torch.testing.assert_close(first_norm.running_mean, want_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first_norm.running_var, want_var, rtol=1e-4, atol=1e-5)
+    assert net.training and not first_norm.training and first_norm.momentum == 0.1  # frozen again afterwards

@@ -35,7 +35,13 @@ from amldist.feature_store import FeatureStore
 from amldist.nets import create_net
 from amldist.training import collective
 from amldist.training.data import TrainImages, split_source, step_loader
-from amldist.training.optim import make_optimizer, make_scheduler, set_train_mode, start_epoch_schedule
+from amldist.training.optim import (
+    calibrate_batchnorm,
+    make_optimizer,
+    make_scheduler,
+    set_train_mode,
+    start_epoch_schedule,
+)
 from amldist.training.paths import TrainingPaths, read_labels
 from amldist.training.plan import (
     RELATIONAL,
@@ -62,6 +68,8 @@ log = logging.getLogger(__name__)
 
 NUM_PROBES = 4          # anchors in the hard-negative grid
 EVAL_BATCH = 32         # images per forward when embedding for mining and validation
+BN_CALIBRATION_IMAGES = 256  # training images that set a from-scratch student's BatchNorm statistics
+BN_CALIBRATION_STREAM = 7
 
 
 def _is_missing_pool(err: BaseException) -> bool:
@@ -91,6 +99,9 @@ class Trainer:
         on_gpu = self.device.type == "cuda"
         if on_gpu:  # channels-last convolutions are faster on GPUs with bf16; on CPU they were not (bench)
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.images = TrainImages(paths.train_shards, config.data.image_size, self.net.meta.mean, self.net.meta.std)
+        if not model.pretrained:
+            self._calibrate_batchnorm()
         self.model = wrap(TupleEmbedder(self.net))
         self.optimizer = make_optimizer(self.net, config.optim)
         self.scheduler = make_scheduler(self.optimizer, config.optim.lr_decay)
@@ -98,10 +109,18 @@ class Trainer:
         self.settings = StepSettings(device=self.device, world_size=world_size, global_batch=config.run.batch_size,
                                      reduction=config.loss.reduction, amp_dtype=torch.bfloat16 if on_gpu else None,
                                      channels_last=on_gpu)
-        self.images = TrainImages(paths.train_shards, config.data.image_size, self.net.meta.mean, self.net.meta.std)
         self.val_set = ValidationSet.from_labels(self.val_labels)
         self._val_teacher: np.ndarray | None = None
         self.miner_wait = 0.0
+
+    def _calibrate_batchnorm(self) -> None:
+        """BatchNorm statistics of a from-scratch student, from the same training images on every rank."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.config.run.seed, BN_CALIBRATION_STREAM]))
+        count = min(BN_CALIBRATION_IMAGES, self.train_labels.num_images)
+        ids = np.sort(rng.choice(self.train_labels.num_images, size=count, replace=False))
+        self.net.to(self.device)
+        used = calibrate_batchnorm(self.net, (self.images.load(int(i)) for i in ids), self.device)
+        log.debug("BatchNorm statistics estimated on %d training images", used)
 
     # ------------------------------------------------------------ state
 

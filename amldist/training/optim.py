@@ -6,12 +6,15 @@
   epoch as the reference does, so epoch e (0-based) runs at lr * gamma^(e + 1).
 - Train mode with every BatchNorm in eval mode: running statistics stay frozen (the reference trains
   from ImageNet statistics with batches of one image), affine weights still learn. Frozen statistics
-  are also what makes a padded batch embed exactly like one image at a time.
+  are also what makes a padded batch embed exactly like one image at a time. A network trained from
+  scratch has no statistics to freeze: they are first estimated on training images
+  (`calibrate_batchnorm`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -55,3 +58,30 @@ def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
             stats += [module.running_mean.detach().clone(), module.running_var.detach().clone()]
     return stats
+
+
+def calibrate_batchnorm(net: nn.Module, images: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> int:
+    """Estimate every BatchNorm's running statistics from `images` ((3, h, w) each, one per forward, in
+    train mode, cumulative average), then freeze them; returns the number of images used.
+
+    The reference freezes ImageNet statistics. A network trained from scratch has none: mean 0 and
+    variance 1 make BatchNorm an identity, activations grow layer after layer, and MobileNetV2's ReLU6
+    saturates so that no gradient flows (observed: its loss did not move). Statistics of the training
+    images, frozen, give it the normalisation a pretrained network starts with."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average over the calibration images
+    net.train()
+    count = 0
+    with torch.no_grad():
+        for image in images:
+            net(image[None].to(device))
+            count += 1
+    for module, momentum in zip(norms, momenta):
+        module.momentum = momentum
+    set_train_mode(net)
+    return count

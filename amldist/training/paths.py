@@ -91,22 +91,28 @@ def features_command(config, split_dir: Path, out: Path) -> str:
 def resolve_paths(config) -> TrainingPaths:
     """Check every input of a run exists; UserError naming the command that creates a missing one."""
     data = config.data
-    db_file = layout.train_db_path(data.root, data.dataset)
+    db_file = _absolute(layout.train_db_path(data.root, data.dataset))  # workers run in other folders
     if not db_file.is_file():
         raise UserError(f"no training split file {db_file}; create the data root with `amldist data synth "
                         f"--root {_quote(data.root)}` or `amldist data download`")
-    shards = shard_root(config)
+    shards = shard_root(config)  # messages name the paths as the user gave them; the run gets absolute ones
     for split in ("train", "val"):
         if not (shards / split / "manifest.json").is_file():
             raise UserError(f"no {split} shards in {shards / split}; write them with `{shards_command(config)}`")
+    root, shards = str(_absolute(Path(data.root))), _absolute(shards)
     if config.model.teacher is None:
-        return TrainingPaths(str(data.root), str(db_file), str(shards / "train"), str(shards / "val"))
+        return TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"))
     train_store = Path(data.teacher_features) if data.teacher_features else default_store_dir(config)
     if not (train_store / "manifest.json").is_file():
         raise UserError(f"no teacher features in {train_store}; compute them with "
-                        f"`{features_command(config, shards / 'train', train_store)}`")
-    return TrainingPaths(str(data.root), str(db_file), str(shards / "train"), str(shards / "val"),
+                        f"`{features_command(config, shard_root(config) / 'train', train_store)}`")
+    train_store = _absolute(train_store)
+    return TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"),
                          str(train_store), str(val_store_dir(train_store)))
+
+
+def _absolute(path: Path) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def read_labels(paths: TrainingPaths) -> tuple[SplitLabels, SplitLabels]:
@@ -147,7 +153,9 @@ def ensure_val_store(config, paths: TrainingPaths, train_store: FeatureStore, nu
             return FeatureStore.open(paths.val_store, expected=expected, verify=False)
         except UserError as err:
             log.info("recomputing the val teacher features: %s", err)
-    network = Path(train_store.manifest["network"])
+    teacher_file = Path(config.model.teacher).expanduser()
+    # The teacher file (already checked against the train store), else the file the store names.
+    network = teacher_file if teacher_file.is_file() else Path(train_store.manifest["network"])
     if not network.is_file():
         raise UserError(f"no val teacher features in {paths.val_store} and the teacher network {network} is not "
                         f"here to compute them; run `{features_command(config, Path(paths.val_shards), Path(paths.val_store))}`")

@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 from PIL import Image
 
 BLOCK_BYTES = 32 * 1024
@@ -107,6 +108,8 @@ def render(run_folder: Path, out: Path) -> None:
             ax.legend(fontsize=7, frameon=False)
         else:
             ax.plot(epochs, [row.get(key) for row in steps.values()], marker="o", ms=3, color="tab:blue")
+        if key == "lr":
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -128,7 +128,7 @@ def check_resume(storage: str, name: str, resume: str | None, epochs: int) -> st
         last = existing[-1]
     else:
         require(not existing, f"{run_dir} already holds checkpoints; pass --resume without a path to continue "
-                              "that run, or --name to start a new run from {resume}")
+                              f"that run, or --name to start a new run from {resume}")
         last = checkpoint_file(resume)
     done = load_epochs_done(checkpoint_file(last))
     require(done < epochs, f"the checkpoint {last} has finished all {epochs} epochs; raise --epochs to train longer")

@@ -1,0 +1,76 @@
+"""`amldist train` without Ray: flags onto config keys, one-line errors naming the command that creates a
+missing input, and the guards against silently continuing or clobbering a run."""
+
+import numpy as np
+import pytest
+import yaml
+
+from amldist.cli.main import build_parser, main
+from amldist.cli.train import check_resume, config_of
+from amldist.datasets import formats
+from amldist.errors import UserError
+from amldist.nets import create_net
+from amldist.training.state import CHECKPOINT_FILE, Progress, save_training_state
+
+
+def write_config(tmp_path, **data):
+    path = tmp_path / "run.yaml"
+    config = {"data": {"root": str(tmp_path / "data"), "image_size": 64, **data},
+              "model": {"arch": "small_cnn", "pretrained": False, "teacher": str(tmp_path / "teacher.pth")},
+              "loss": {"name": "contrastive_plus"}, "run": {"epochs": 3}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_flags_map_onto_the_config(tmp_path):
+    args = build_parser().parse_args(["train", "--config", str(write_config(tmp_path)), "--num-workers", "4",
+                                      "--use-gpu", "--name", "mine", "--lr", "3e-4", "--set", "run.seed=5"])
+    config = config_of(args)
+    assert (config.run.num_workers, config.run.use_gpu, config.run.name) == (4, True, "mine")
+    assert config.optim.lr == pytest.approx(3e-4) and config.run.seed == 5
+    assert config.loss.asym is True  # Contr+ with a teacher: asymmetric
+
+
+def test_missing_inputs_name_the_command_that_creates_them(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["train", "--config", str(config), "--local"]) == 2
+    assert "amldist data synth" in capsys.readouterr().err
+    root = tmp_path / "data"
+    db = formats.SfmSplit(cids=["a" * 32, "b" * 32], cluster=np.array([0, 1]), qidxs=np.array([0]), pidxs=np.array([1]))
+    formats.write_sfm_db(root / "train" / "retrieval-SfM-120k" / "retrieval-SfM-120k.pkl", {"train": db, "val": db})
+    assert main(["train", "--config", str(config), "--local"]) == 2
+    err = capsys.readouterr().err
+    assert "amldist data shards --root" in err and "--image-size 64" in err
+    for split in ("train", "val"):  # a manifest is enough for this check
+        folder = root / "shards" / "retrieval-SfM-120k-64" / split
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text("{}")
+    assert main(["train", "--config", str(config), "--local"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no teacher features in" in err
+    assert f"amldist features --network {tmp_path / 'teacher.pth'} --shards" in err
+    assert f"--out {tmp_path / 'data'}/features/{tmp_path.name}-teacher/retrieval-SfM-120k-64/train`" in err
+
+
+def fake_run(folder, epochs_done):
+    checkpoint = folder / f"checkpoint_epoch{epochs_done:04d}"
+    net = create_net("small_cnn", "gem", None, pretrained=False)
+    save_training_state(checkpoint / CHECKPOINT_FILE, net, None, None, {}, Progress(epochs_done=epochs_done))
+    return checkpoint
+
+
+def test_resume_guards(tmp_path):
+    storage = tmp_path / "runs"
+    assert check_resume(str(storage), "fresh", None, 3) is None  # a new run
+    with pytest.raises(UserError, match="nothing to resume"):
+        check_resume(str(storage), "fresh", "", 3)
+    fake_run(storage / "half", 2)
+    with pytest.raises(UserError, match="pass --resume"):
+        check_resume(str(storage), "half", None, 3)  # Ray would silently continue it
+    assert check_resume(str(storage), "half", "", 3) is None  # Ray continues it from its own checkpoint
+    with pytest.raises(UserError, match="raise --epochs"):
+        check_resume(str(storage), "half", "", 2)
+    source = fake_run(tmp_path / "elsewhere", 1)
+    with pytest.raises(UserError, match="start a new run from .*elsewhere"):
+        check_resume(str(storage), "half", str(source), 3)
+    assert check_resume(str(storage), "new", str(source), 3) == str(source / CHECKPOINT_FILE)

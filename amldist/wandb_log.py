@@ -1,6 +1,6 @@
 """Rank 0's record of a training run: `metrics.jsonl` always, Weights & Biases unless turned off.
 
-Under Ray Train V2, Ray's `setup_wandb` does not honour rank-0-only (docs/STACK facts), so rank 0 calls
+Under Ray Train V2, Ray's `setup_wandb` does not honour rank-0-only (observed with Ray 2.60), so rank 0 calls
 `wandb.init` itself. Modes: `off` (no wandb files at all), `offline` (files under `<run>/wandb/`, upload
 later with `wandb sync <run>/wandb/offline-run-*`), `online`, and `auto` = online when WANDB_API_KEY is
 set, else offline. An `online` start that fails (no key, no network) falls back to offline with a warning.

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "amldist.cli.features",
     "amldist.cli.eval",
     "amldist.cli.train",
+    "amldist.cli.demo",
 )
 
 

@@ -26,9 +26,9 @@ from PIL import Image
 from amldist.atomic import atomic_write_bytes
 from amldist.training.grid import negatives_grid
 
-CURVE_PANELS = (("loss", "training loss (per tuple)", True),
+CURVE_PANELS = (("loss", "training loss (per tuple)", False),
                 ("val_map", "validation mAP (%)", False),
-                ("avg_neg_distance", "mean distance to mined negatives", False))
+                ("avg_neg_distance", "mean distance to mined negatives", False))  # (key, title, log y)
 GRID_CELL, GRID_GAP = 72, 4
 
 

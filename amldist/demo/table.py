@@ -126,7 +126,11 @@ def parse_table(text: str) -> tuple[list[str], list[dict[str, Any]]]:
     if not labels or len(labels) % per_dataset:
         raise ValueError(f"unexpected number columns: {labels}")
     datasets = labels[:len(labels) // per_dataset]
-    rows = [_parse_row(line, starts, datasets) for line in lines[at + 2:] if line.strip()]
+    rows = []
+    for line in lines[at + 2:]:  # after the header and its rule, up to the first blank line
+        if not line.strip():
+            break
+        rows.append(_parse_row(line, starts, datasets))
     return datasets, rows
 
 

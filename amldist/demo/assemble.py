@@ -1,0 +1,173 @@
+"""The report stage: the Table-3 rows, the figures and the report text, from the stages' outputs.
+
+Reads what the runs wrote (metrics.jsonl, negatives.jsonl, model_best.pth.tar) and the evaluation
+results; the only computation is embedding a few test images for the t-SNE figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from amldist.atomic import atomic_write_json
+from amldist.datasets import formats, layout
+from amldist.demo import embeddings, plots
+from amldist.demo.evaluation import DESCRIPTORS_DATASET, load_descriptors, load_results
+from amldist.demo.report import Figure, ReportContent, RunSummary, StageTiming
+from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
+from amldist.demo.stages import DemoState, RunOutcome
+from amldist.demo.table import TableRow, format_markdown, format_table, loss_label, scores_from_eval
+
+log = logging.getLogger(__name__)
+
+TABLE_JSON = "table.json"
+CURVES_PNG = "training_curves.png"
+NEGATIVES_PNG = "hard_negatives.png"
+# Paper order: the teacher, the student trained alone, then the students that learned from the teacher.
+ROW_ORDER = (TEACHER_RUN.key, "baseline", "contrplus", "reg")
+
+
+def ordered_runs(state: DemoState) -> list[RunOutcome]:
+    keys = [k for k in ROW_ORDER if k in state.runs] + [k for k in state.runs if k not in ROW_ORDER]
+    return [state.runs[k] for k in keys]
+
+
+def table_row(run: RunOutcome, teacher: RunOutcome, results: dict) -> TableRow:
+    from amldist.losses.registry import loss_spec
+    from amldist.worker import student_dim
+
+    config = run.config
+    if run is teacher:
+        scores = {"sym": scores_from_eval(results, "teacher")}
+    else:
+        scores = {mode: scores_from_eval(results, mode) for mode in ("sym", "asym") if mode in results}
+    return TableRow(run=run.name, student=config.model.arch, dim=student_dim(config),
+                    teacher=teacher.config.model.arch if config.model.teacher else None,
+                    labels=loss_spec(config.loss.name).uses_labels, loss=loss_label(config.loss.name),
+                    mining=config.mining.kind or "none", asym=bool(config.loss.asym), scores=scores)
+
+
+def table_rows(state: DemoState) -> list[TableRow]:
+    teacher = state.runs[TEACHER_RUN.key]
+    rows = []
+    for run in ordered_runs(state):
+        stored = load_results(state.settings, run)
+        if stored is None:
+            raise RuntimeError(f"no evaluation results for {run.name}")
+        rows.append(table_row(run, teacher, stored["results"]))
+    return rows
+
+
+def write_table_json(folder: Path, rows: list[TableRow]) -> Path:
+    path = folder / TABLE_JSON
+    atomic_write_json(path, {"datasets": list(TEST_DATASETS), "metric": "mAP (%), learned whitening",
+                             "rows": [row.to_dict() for row in rows]})
+    return path
+
+
+# ---------------------------------------------------------------- figures
+
+
+def curves_figure(state: DemoState, folder: Path) -> Figure:
+    from amldist.wandb_log import read_metrics
+
+    runs = {run.spec.key: read_metrics(run.run_dir) for run in ordered_runs(state)}
+    plots.plot_training_curves(runs, folder / CURVES_PNG)
+    return Figure(CURVES_PNG, "Training curves",
+                  "Per epoch, from each run's metrics.jsonl: training loss per tuple (the losses differ in "
+                  "kind across runs, so compare each curve with itself), validation mAP on the training set's "
+                  "val split (solid: symmetric, dashed: asymmetric, student queries against the teacher's "
+                  "vectors), and the mean distance between anchors and their mined hard negatives.")
+
+
+def negatives_figure(state: DemoState, folder: Path) -> Figure | None:
+    """Fig. 2 from the Contr+ student's asymmetric mining (the teacher's sym mining if it has none)."""
+    from amldist.shards import ShardReader
+    from amldist.training.negatives_log import read_negatives
+
+    for key, how in (("contrplus", "student anchors vs the teacher's database (asymmetric mining)"),
+                     (TEACHER_RUN.key, "teacher anchors vs the teacher's pool (symmetric mining)")):
+        run = state.runs.get(key)
+        records = read_negatives(run.run_dir) if run else []
+        if any(any(row) for record in records for row in record["negatives"]):
+            break
+    else:
+        log.warning("no run recorded mined negatives; the report has no hard-negative figure")
+        return None
+    s = state.settings
+    reader = ShardReader(layout.shards_dir(s.data_root, TRAIN_DATASET, s.train_image_size) / "train")
+    plots.plot_negatives_over_epochs(records, lambda i: reader.read_image(int(i)), folder / NEGATIVES_PNG,
+                                     title=f"{run.name}: hard negatives over epochs")
+    return Figure(NEGATIVES_PNG, "Hard negatives over epochs (the paper's Fig. 2)",
+                  f"Run {run.name}, {how}. Each panel is one fixed anchor (first column, green); each row "
+                  "an epoch, followed by the negatives mined for the anchor at the start of that epoch, most "
+                  "similar first (red). As the student's space aligns with the teacher's, the negatives "
+                  "should look more like the anchor.")
+
+
+def tsne_figure(state: DemoState, folder: Path, student: RunOutcome) -> Figure:
+    """Fig. 3 from the database descriptors the eval stage kept (no network runs here)."""
+    s = state.settings
+    truth = formats.read_gnd(layout.gnd_path(s.data_root, DESCRIPTORS_DATASET))
+    chosen = embeddings.pick_landmarks(truth)
+    teacher = load_descriptors(s, state.runs[TEACHER_RUN.key])[chosen.positions]  # (N, D)
+    teacher_xy, student_xy = embeddings.tsne_pairs(teacher, load_descriptors(s, student)[chosen.positions])
+    filename = f"tsne_{student.spec.key}.png"
+    plots.plot_tsne(teacher_xy, student_xy, chosen.labels, folder / filename,
+                    title=f"teacher (circles) vs {student.spec.key} student (diamonds)")
+    per = len(chosen.labels) // max(len(set(chosen.labels)), 1)
+    return Figure(filename, f"t-SNE of teacher and {student.spec.key} student embeddings (the paper's Fig. 3)",
+                  f"{len(set(chosen.labels))} {DESCRIPTORS_DATASET} landmarks (colours), about {per} database images "
+                  f"each, embedded by the teacher (circles) and by {student.name} (diamonds); a line joins the two "
+                  "embeddings of each image. Short lines mean the student maps images where the teacher does, "
+                  "which is what asymmetric testing needs.")
+
+
+def build_figures(state: DemoState, folder: Path) -> list[Figure]:
+    figures = [curves_figure(state, folder)]
+    negatives = negatives_figure(state, folder)
+    if negatives is not None:
+        figures.append(negatives)
+    for spec in STUDENT_RUNS:
+        run = state.runs.get(spec.key)
+        if run is not None and run.config.model.teacher:
+            figures.append(tsne_figure(state, folder, run))
+    return figures
+
+
+# ---------------------------------------------------------------- text
+
+
+def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
+    import json
+
+    synth = json.loads((settings.data_root / "synth.json").read_text())
+    counts = synth["counts"]
+    lines = [f"Synthetic landmarks (`amldist data synth --preset {settings.synth_preset}`, seed {settings.seed}) "
+             f"in `{settings.data_root}`: training {counts['train']}, validation {counts['val']}, "
+             + ", ".join(f"{name} {counts[name]}" for name in TEST_DATASETS) + "."]
+    for run in ordered_runs(state):
+        c = run.config
+        lines.append(f"`{run.name}`: {run.spec.description}; {c.run.epochs} epochs, {c.mining.queries_per_epoch} "
+                     f"tuples/epoch, pool {c.mining.pool_size}, batch {c.run.batch_size}, {c.optim.optimizer} "
+                     f"lr {c.optim.lr:g}, images <= {c.data.image_size} px, {c.run.num_workers} Ray workers.")
+    lines.append(f"Testing: single scale, images <= {settings.test_image_size} px (the paper: multi-scale at "
+                 f"1024 px), learned whitening on the {TRAIN_DATASET} whitening pairs, in the teacher's space "
+                 "for asymmetric testing.")
+    return lines
+
+
+def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure], stages: list[StageTiming],
+                   command: str) -> ReportContent:
+    datasets = list(TEST_DATASETS)
+    runs = [RunSummary(run.name, run.spec.description, str(run.best_checkpoint), run.config.run.epochs,
+                       tuple(str(p) for p in run.wandb_runs)) for run in ordered_runs(state)]
+    notes = [("The numbers are whatever this run produced: small networks trained from scratch for a few "
+              "epochs on a few hundred synthetic images, so they are far below the paper's and can change "
+              "with the machine's thread scheduling; compare rows, not absolute values."),
+             ("ASYMMETRIC TESTING is empty for networks that did not learn from the teacher (their space is "
+              "unrelated to the teacher's), as in the paper.")]
+    return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
+                         setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
+                         table_markdown=format_markdown(rows, datasets), notes=notes, figures=figures, runs=runs,
+                         stages=stages)

@@ -1,0 +1,113 @@
+"""The demo's evaluation stage: `amldist eval`'s code path for every trained network, one extractor shared.
+
+Per network the testing modes of Table 3: the teacher alone; each student symmetrically (its own
+queries and database) and, when it learned from the teacher, asymmetrically (student queries, teacher
+database). Learned whitening on the training set's whitening pairs, in the database network's space,
+as `amldist eval --whitening` does. Descriptors are computed once per (network, set) and shared across
+modes; the results of each network go to `<report>/eval/<run>.json`, keyed by its checkpoint's sha256,
+so a re-run evaluates again only networks that changed. The raw database descriptors of one test set
+are kept beside them (`<run>.<set>-db.npy`, (N, D) float32) for the report's t-SNE figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from amldist.atomic import atomic_path, atomic_write_json
+from amldist.datasets import formats, layout
+from amldist.demo.settings import TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
+from amldist.demo.stages import BUILT, REUSED, DemoState, RunOutcome
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+DESCRIPTORS_DATASET = TEST_DATASETS[0]  # the set whose database vectors the t-SNE figure shows
+
+
+def testing_modes(run: RunOutcome) -> list[str]:
+    """Modes of `amldist eval` that fill this run's row: 'teacher' for the teacher, 'sym' for every
+    student, and 'asym' for students that learned from the teacher."""
+    if run.spec.key == TEACHER_RUN.key:
+        return ["teacher"]
+    return ["sym", "asym"] if run.config.model.teacher else ["sym"]
+
+
+def _identity(settings: DemoSettings, run: RunOutcome, teacher: RunOutcome) -> dict[str, Any]:
+    from amldist.feature_store import file_sha256
+
+    return {"network_sha256": file_sha256(run.best_checkpoint), "teacher_sha256": file_sha256(teacher.best_checkpoint),
+            "image_size": settings.test_image_size, "datasets": list(TEST_DATASETS), "whitening": TRAIN_DATASET,
+            "scales": [1.0], "modes": testing_modes(run)}
+
+
+def result_path(settings: DemoSettings, run: RunOutcome) -> Path:
+    return settings.report_dir / EVAL_DIR / f"{run.name}.json"
+
+
+def descriptors_path(settings: DemoSettings, run: RunOutcome) -> Path:
+    return settings.report_dir / EVAL_DIR / f"{run.name}.{DESCRIPTORS_DATASET}-db.npy"
+
+
+def load_descriptors(settings: DemoSettings, run: RunOutcome) -> np.ndarray:
+    """The run's raw database descriptors (N, D) of DESCRIPTORS_DATASET, saved by the eval stage."""
+    return np.load(descriptors_path(settings, run))
+
+
+def _save_descriptors(path: Path, vectors: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.save would append ".npy"
+        np.save(handle, np.asarray(vectors, np.float32))
+
+
+def load_results(settings: DemoSettings, run: RunOutcome, identity: dict[str, Any] | None = None) -> dict | None:
+    """Stored results of a run; None when missing or (given `identity`) computed for something else."""
+    if identity is not None and not descriptors_path(settings, run).is_file():
+        return None
+    try:
+        stored = json.loads(result_path(settings, run).read_text())
+    except (OSError, ValueError):
+        return None
+    if identity is not None and stored.get("identity") != identity:
+        return None
+    return stored
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a setting where no query has positives) becomes null, so the JSON stays standard."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def eval_stage(state: DemoState) -> tuple[str, str]:
+    from amldist.cli.eval import Extractor, evaluate_mode, load_net
+
+    s = state.settings
+    teacher_run = state.runs[TEACHER_RUN.key]
+    pending = []
+    for run in state.runs.values():
+        identity = _identity(s, run, teacher_run)
+        if "eval" in state.force or load_results(s, run, identity) is None:
+            pending.append((run, identity))
+    if not pending:
+        return REUSED, f"{len(state.runs)} networks"
+    extractor = Extractor(s.data_root, s.test_image_size, [1.0], "cpu", batch_size=16, workers=0, ray_workers=0)
+    args = argparse.Namespace(whitening=TRAIN_DATASET, data_root=s.data_root, distractors=None)
+    teacher = load_net("teacher", teacher_run.best_checkpoint, "cpu")
+    for run, identity in pending:
+        network = teacher if run is teacher_run else load_net(f"student {run.spec.key}", run.best_checkpoint, "cpu")
+        results = {mode: evaluate_mode(mode, network, teacher, list(TEST_DATASETS), args, extractor)
+                   for mode in testing_modes(run)}
+        truth = formats.read_gnd(layout.gnd_path(s.data_root, DESCRIPTORS_DATASET))
+        _save_descriptors(descriptors_path(s, run),
+                          extractor.descriptors(network, DESCRIPTORS_DATASET, "db", len(truth.imlist)))
+        atomic_write_json(result_path(s, run), _finite({"identity": identity, "results": results}))
+    return BUILT, f"{len(pending)} of {len(state.runs)} networks"

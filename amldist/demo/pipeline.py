@@ -1,0 +1,120 @@
+"""`run_demo`: every stage in order, one printed line per stage with its timing, then the report.
+
+    synth -> shards -> teacher -> features -> contrplus, reg, sym -> eval -> report
+
+One process; Ray is started once, by the first training run that needs it, and shut down at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from amldist.demo import assemble
+from amldist.demo.evaluation import eval_stage
+from amldist.demo.report import StageTiming, write_report
+from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, DemoSettings
+from amldist.demo.stages import (
+    BUILT,
+    DemoState,
+    features_stage,
+    run_config,
+    shards_stage,
+    synth_stage,
+    teacher_overrides,
+    train_stage,
+)
+from amldist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DATA_STAGES = ("synth", "shards")
+STAGES = ("synth", "shards", TEACHER_RUN.key, "features", *(r.key for r in STUDENT_RUNS), "eval", "report")
+FORCE_GROUPS = {"students": tuple(r.key for r in STUDENT_RUNS), "all": STAGES}
+
+
+@dataclass
+class DemoResult:
+    table_text: str
+    report_dir: str
+    stages: list[StageTiming]
+
+
+def force_set(names: Iterable[str]) -> frozenset[str]:
+    chosen: set[str] = set()
+    for name in names:
+        if name in FORCE_GROUPS:
+            chosen.update(FORCE_GROUPS[name])
+        elif name in STAGES:
+            chosen.add(name)
+        else:
+            raise UserError(f"--force: unknown stage {name!r}; choose from {', '.join(STAGES + tuple(FORCE_GROUPS))}")
+    return frozenset(chosen)
+
+
+class StagePrinter:
+    """Runs stages in order and prints `[i/n] name ... status (detail) in S s` for each."""
+
+    def __init__(self, echo: Callable[[str], None] = print):
+        self.echo = echo
+        self.timings: list[StageTiming] = []
+
+    def run(self, name: str, action: Callable[[], tuple[str, str]], state: DemoState) -> None:
+        position = STAGES.index(name) + 1
+        self.echo(f"[{position}/{len(STAGES)}] {name} ...")
+        started = time.perf_counter()
+        status, detail = action()
+        seconds = time.perf_counter() - started
+        if status == BUILT:
+            state.rebuilt.add(name)
+        self.timings.append(StageTiming(name, status, seconds, detail))
+        self.echo(f"[{position}/{len(STAGES)}] {name}: {status} in {seconds:.1f} s -- {detail}")
+
+
+def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "amldist demo",
+             echo: Callable[[str], None] = print) -> DemoResult:
+    state = DemoState(settings, force_set(force))
+    printer = StagePrinter(echo)
+    data_inputs = list(DATA_STAGES)
+    try:
+        printer.run("synth", lambda: synth_stage(state), state)
+        printer.run("shards", lambda: shards_stage(state), state)
+        printer.run(TEACHER_RUN.key, lambda: train_stage(state, TEACHER_RUN, data_inputs), state)
+        printer.run("features", lambda: features_stage(state, STUDENT_RUNS[0]), state)
+        for run in STUDENT_RUNS:
+            printer.run(run.key, lambda run=run: _train_student(state, run, data_inputs), state)
+    finally:
+        if state.ray_started:
+            import ray
+
+            ray.shutdown()
+    printer.run("eval", lambda: eval_stage(state), state)
+    outcome: dict[str, str] = {}
+    printer.run("report", lambda: _report(state, printer.timings, command, outcome), state)
+    write_report(settings.report_dir, assemble.report_content(
+        state, outcome["rows"], outcome["figures"], printer.timings, command))  # again, with the report's own time
+    echo("")
+    echo(outcome["table_text"])
+    echo("")
+    echo(f"report: {settings.report_dir / 'report.md'}")
+    return DemoResult(outcome["table_text"], str(settings.report_dir), printer.timings)
+
+
+def _train_student(state: DemoState, run, data_inputs: list[str]) -> tuple[str, str]:
+    if run_config(state.settings, run)[1].model.teacher is None:  # the baseline learns alone
+        return train_stage(state, run, data_inputs)
+    return train_stage(state, run, data_inputs + [TEACHER_RUN.key, "features"], teacher_overrides(state))
+
+
+def _report(state: DemoState, timings: list[StageTiming], command: str, outcome: dict) -> tuple[str, str]:
+    folder = state.settings.report_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = assemble.table_rows(state)
+    assemble.write_table_json(folder, rows)
+    figures = assemble.build_figures(state, folder)
+    content = assemble.report_content(state, rows, figures, timings, command)
+    write_report(folder, content)
+    outcome.update(rows=rows, figures=figures, table_text=content.table_text)
+    return BUILT, f"{folder / 'report.md'}, {len(figures)} figures"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from amldist.cli.common import add_command, require
+from amldist.cli.common import add_command, non_negative_int, positive_float, require
 from amldist.datasets import download, layout, urls
 
 
@@ -24,9 +24,9 @@ def register(data_subparsers) -> None:
                         help="use the original (not face-blurred) Oxford/Paris archives, as budnikm/aml")
     parser.add_argument("--keep-archives", action="store_true",
                         help="keep the image archives beside their folder after extraction")
-    parser.add_argument("--retries", type=_non_negative_int, default=download.DownloadOptions.retries,
+    parser.add_argument("--retries", type=non_negative_int, default=download.DownloadOptions.retries,
                         help="extra attempts after a dropped connection or server error (resuming)")
-    parser.add_argument("--timeout", type=_positive_float, default=download.DownloadOptions.timeout_s,
+    parser.add_argument("--timeout", type=positive_float, default=download.DownloadOptions.timeout_s,
                         metavar="SECONDS", help="socket timeout of one request")
 
 
@@ -64,23 +64,3 @@ def _abbreviated(addresses: tuple[str, ...]) -> list[str]:
     numbered = [a for a in addresses if a.startswith(head) and a.endswith(".tar.gz")]
     others = [a for a in addresses if a not in numbered]
     return others + [f"{head}{{1..{len(numbered)}}}.tar.gz"]
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-    return value

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from amldist.cli.common import add_command, existing_dir, positive_int, require
+from amldist.cli.common import add_command, existing_dir, non_negative_int, positive_int, require
 from amldist.datasets import layout
 from amldist.errors import UserError
 from amldist.shards import (
@@ -46,16 +46,6 @@ def byte_size(text: str) -> int:
     if match is None or int(match[1]) == 0:
         raise argparse.ArgumentTypeError(f"not a positive size like 256M: {text!r}")
     return int(match[1]) * _BYTE_UNITS[match[2].lower()]
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
-    return value
 
 
 def jpeg_quality(text: str) -> int:

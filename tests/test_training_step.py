@@ -68,14 +68,20 @@ def take(step: StepTuples, rows) -> StepTuples:
     return StepTuples(step.anchors[rows], step.positives[rows], step.negatives[rows])
 
 
-def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples):
+@pytest.mark.parametrize("padded", [True, False], ids=["padded-buckets", "exact-shape-buckets"])
+def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples, padded):
     spec = TupleSpec(LABELLED, asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
     loss_fn = build_loss("contrastive", margin=0.5)
     net = frozen_net()
     want = reference_gradients(net, loss_fn, tuples, images)
 
+    def settings_for(world_size):
+        if padded:
+            return StepSettings(device=torch.device("cpu"), world_size=world_size, global_batch=len(tuples))
+        return StepSettings.for_device(torch.device("cpu"), world_size=world_size, global_batch=len(tuples))
+
     net.zero_grad()
-    settings = StepSettings(device=torch.device("cpu"), world_size=1, global_batch=len(tuples))
+    settings = settings_for(1)
     losses = loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, images_of(spec, tuples, images), None,
                                settings)
     single = grads(net)
@@ -87,7 +93,7 @@ def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples):
         net.zero_grad()
         part = take(tuples, rows)
         loss_and_backward(TupleEmbedder(net), loss_fn, spec, part, images_of(spec, part, images), None,
-                          StepSettings(device=torch.device("cpu"), world_size=2, global_batch=len(tuples)))
+                          settings_for(2))
         per_rank.append(grads(net))
     ddp = [(a + b) / 2 for a, b in zip(*per_rank)]
     scale = max(float(g.abs().max()) for g in want)
@@ -115,6 +121,11 @@ def test_asym_step_embeds_only_the_anchors(images, tuples):
     losses = loss_and_backward(TupleEmbedder(net), build_loss("contrastive_plus"), spec, tuples,
                                images_of(spec, tuples, images), teacher, settings)
     assert seen == [4]  # one padded batch holding the four anchors, nothing else
+    seen.clear()
+    cpu = StepSettings.for_device(torch.device("cpu"), global_batch=len(tuples))
+    loss_and_backward(TupleEmbedder(net), build_loss("contrastive_plus"), spec, tuples,
+                      images_of(spec, tuples, images), teacher, cpu)
+    assert sorted(seen) == [1, 1, 2]  # CPU: only equal shapes share a batch (anchors 0 and 3 are 32x40)
     assert torch.isfinite(losses).all()
     with pytest.raises(ValueError, match="expected 4 images"):
         loss_and_backward(TupleEmbedder(net), build_loss("contrastive_plus"), spec, tuples,

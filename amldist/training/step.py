@@ -1,9 +1,12 @@
 """The training step on a batch of tuples (no Ray).
 
-asym (3): only the anchors go through the student, as one zero-padded batch (`RetrievalNet` pools each
-image over its valid region); positives, negatives and g(a) are stored teacher vectors.
-sym (2) and the relational losses: every distinct image of the tuples goes through the student, in
-batches of nearly equal shapes (`amldist.batching.bucket_by_shape`).
+asym (3): only the anchors go through the student; positives, negatives and g(a) are stored teacher
+vectors. sym (2) and the relational losses: every distinct image of the tuples goes through the student.
+How images are batched depends on the device (`StepSettings.for_device`): on a GPU the anchors form one
+zero-padded batch (`RetrievalNet` pools each image over its valid region, so padding changes nothing)
+and sym images go in batches of nearly equal shapes (`amldist.batching.bucket_by_shape`); on a CPU only
+images of exactly equal shape share a batch -- padding costs compute, and large batches of large images
+run slower than one image at a time there (cache-bound layers; docs/BENCHMARKS.md, "Training step").
 
 The student is wrapped in `TupleEmbedder`, whose single forward embeds all of a step's batches, so DDP
 sees one forward per backward whatever the number of shape buckets.
@@ -118,7 +121,15 @@ class StepSettings:
     reduction: str = "sum"
     amp_dtype: torch.dtype | None = None  # bf16 autocast on GPU
     channels_last: bool = False
-    sym_max_pad_frac: float = SYM_MAX_PAD_FRAC
+    max_pad_frac: float = SYM_MAX_PAD_FRAC  # shape buckets: padding at most this share of a batch
+    anchors_one_batch: bool = True          # asym: all anchors in one padded batch
+
+    @classmethod
+    def for_device(cls, device: torch.device, **settings) -> StepSettings:
+        """GPU: bf16, channels-last, padded batches. CPU: fp32, exact-shape batches (see the module doc)."""
+        if device.type == "cuda":
+            return cls(device=device, amp_dtype=torch.bfloat16, channels_last=True, **settings)
+        return cls(device=device, max_pad_frac=0.0, anchors_one_batch=False, **settings)
 
     @property
     def loss_scale(self) -> float:
@@ -139,7 +150,7 @@ def image_batches(images: Sequence[Tensor], one_batch: bool, max_pad_frac: float
 def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarray, settings: StepSettings,
                    one_batch: bool) -> VectorTable:
     """Student descriptors (U, D) of the step's images, with gradients, as a table by image id."""
-    batches = image_batches(images, one_batch, settings.sym_max_pad_frac)
+    batches = image_batches(images, one_batch, settings.max_pad_frac)
     inputs = []
     for _, pixels, valid_hw in batches:
         pixels = pixels.to(settings.device, non_blocking=True)
@@ -162,7 +173,8 @@ def loss_and_backward(embedder: nn.Module, loss_fn, spec: TupleSpec, tuples: Ste
     ids = student_image_ids(spec, tuples)
     if len(images) != len(ids):
         raise ValueError(f"expected {len(ids)} images for the step, got {len(images)}")
-    student = embed_for_step(embedder, images, ids, settings, one_batch=not spec.students_references)
+    one_batch = settings.anchors_one_batch and not spec.students_references
+    student = embed_for_step(embedder, images, ids, settings, one_batch=one_batch)
     losses = loss_fn(tuple_batch(spec, tuples, student, teacher))  # (b,)
     (losses.sum() * settings.loss_scale).backward()
     return losses.detach()

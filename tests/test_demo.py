@@ -180,6 +180,19 @@ def test_eval_descriptors_are_saved_whole_under_their_own_name(tmp_path):
     assert loaded.dtype == np.float32 and np.array_equal(loaded, vectors)
 
 
+def test_random_ranking_floor_matches_the_share_of_positives():
+    from amldist.demo.assemble import random_ranking_scores
+
+    # 200 images, each query with 20 medium positives (10 easy + 10 hard) and 10 hard ones: a random
+    # ranking's AP is close to the share of positives, 20/200 and 10/200 (a little above for few positives).
+    gnd = [{"easy": np.arange(10 * q, 10 * q + 10), "hard": np.arange(100 + 10 * q, 110 + 10 * q),
+            "junk": np.array([], np.int64)} for q in range(5)]
+    truth = GroundTruth([f"i{i}" for i in range(200)], [f"q{q}" for q in range(5)], gnd)
+    floor = random_ranking_scores({"roxford5k": truth}, repeats=40)["roxford5k"]
+    assert 9.0 < floor["medium"] < 13.0
+    assert 4.0 < floor["hard"] < 8.0
+
+
 # ---------------------------------------------------------------- negatives log, report, settings
 
 
@@ -233,6 +246,16 @@ def test_each_run_goes_through_the_train_parser_with_the_demo_overrides(tmp_path
     assert demo_settings("tiny").run_name(TEACHER_RUN) == "tiny-teacher-contr-sym"  # the students' preset path
     with pytest.raises(UserError):
         demo_settings("huge")
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "micro"])
+def test_every_demo_size_gives_valid_configs_for_all_runs(size):
+    settings = demo_settings(size)
+    for run in (TEACHER_RUN, *STUDENT_RUNS):
+        _, config = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else [])
+        assert config.data.image_size == settings.train_image_size
+        assert config.run.name.startswith(f"{size}-") and config.run.num_workers == settings.num_workers
+    assert settings.test_image_size >= settings.train_image_size
 
 
 @pytest.mark.parametrize("argv", [["--force", "bogus"], ["--set", "no-equals-sign"], ["--preset", "huge"]])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from amldist.atomic import atomic_write_json
 from amldist.datasets import formats, layout
 from amldist.demo import embeddings, plots
@@ -16,7 +18,14 @@ from amldist.demo.evaluation import DESCRIPTORS_DATASET, load_descriptors, load_
 from amldist.demo.report import Figure, ReportContent, RunSummary, StageTiming
 from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
 from amldist.demo.stages import DemoState, RunOutcome
-from amldist.demo.table import TableRow, format_markdown, format_table, loss_label, scores_from_eval
+from amldist.demo.table import (
+    DATASET_LABELS,
+    TableRow,
+    format_markdown,
+    format_table,
+    loss_label,
+    scores_from_eval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +67,36 @@ def table_rows(state: DemoState) -> list[TableRow]:
     return rows
 
 
-def write_table_json(folder: Path, rows: list[TableRow]) -> Path:
+def random_ranking_scores(truths: dict[str, formats.GroundTruth], repeats: int = 20,
+                          seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean mAP (%) of uniformly random rankings per dataset and setting: the floor the table's numbers
+    should be read against (it depends only on how many positives each query has)."""
+    from amldist.evaluate import evaluate_ranks
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, truth in truths.items():
+        runs = [evaluate_ranks(np.stack([rng.permutation(len(truth.imlist)) for _ in truth.qimlist]), truth.gnd)
+                for _ in range(repeats)]  # ranks (Q, N) per repeat
+        out[name] = {s: float(np.mean([r[s]["mAP"] for r in runs])) for s in ("medium", "hard")}
+    return out
+
+
+def read_truths(settings: DemoSettings) -> dict[str, formats.GroundTruth]:
+    return {name: formats.read_gnd(layout.gnd_path(settings.data_root, name)) for name in TEST_DATASETS}
+
+
+def write_table_json(folder: Path, rows: list[TableRow], random_ranking: dict[str, dict[str, float]]) -> Path:
     path = folder / TABLE_JSON
     atomic_write_json(path, {"datasets": list(TEST_DATASETS), "metric": "mAP (%), learned whitening",
-                             "rows": [row.to_dict() for row in rows]})
+                             "rows": [row.to_dict() for row in rows], "random_ranking": random_ranking})
     return path
+
+
+def random_ranking_note(random_ranking: dict[str, dict[str, float]]) -> str:
+    parts = [f"{DATASET_LABELS.get(name, name)} medium {v['medium']:.1f}, hard {v['hard']:.1f}"
+             for name, v in random_ranking.items()]
+    return f"For reference, a random ranking scores (mean of 20): {'; '.join(parts)}."
 
 
 # ---------------------------------------------------------------- figures
@@ -158,7 +192,7 @@ def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
 
 
 def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure], stages: list[StageTiming],
-                   command: str) -> ReportContent:
+                   command: str, random_ranking: dict[str, dict[str, float]]) -> ReportContent:
     datasets = list(TEST_DATASETS)
     runs = [RunSummary(run.name, run.spec.description, str(run.best_checkpoint), run.config.run.epochs,
                        tuple(str(p) for p in run.wandb_runs)) for run in ordered_runs(state)]
@@ -166,7 +200,7 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
               "epochs on a few hundred synthetic images, so they are far below the paper's and can change "
               "with the machine's thread scheduling; compare rows, not absolute values."),
              ("ASYMMETRIC TESTING is empty for networks that did not learn from the teacher (their space is "
-              "unrelated to the teacher's), as in the paper.")]
+              "unrelated to the teacher's), as in the paper."), random_ranking_note(random_ranking)]
     return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
                          setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
                          table_markdown=format_markdown(rows, datasets), notes=notes, figures=figures, runs=runs,

@@ -93,8 +93,8 @@ def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "
     printer.run("eval", lambda: eval_stage(state), state)
     outcome: dict[str, str] = {}
     printer.run("report", lambda: _report(state, printer.timings, command, outcome), state)
-    write_report(settings.report_dir, assemble.report_content(
-        state, outcome["rows"], outcome["figures"], printer.timings, command))  # again, with the report's own time
+    write_report(settings.report_dir, assemble.report_content(  # again, with the report stage's own time
+        state, outcome["rows"], outcome["figures"], printer.timings, command, outcome["random_ranking"]))
     echo("")
     echo(outcome["table_text"])
     echo("")
@@ -112,9 +112,10 @@ def _report(state: DemoState, timings: list[StageTiming], command: str, outcome:
     folder = state.settings.report_dir
     folder.mkdir(parents=True, exist_ok=True)
     rows = assemble.table_rows(state)
-    assemble.write_table_json(folder, rows)
+    random_ranking = assemble.random_ranking_scores(assemble.read_truths(state.settings))
+    assemble.write_table_json(folder, rows, random_ranking)
     figures = assemble.build_figures(state, folder)
-    content = assemble.report_content(state, rows, figures, timings, command)
+    content = assemble.report_content(state, rows, figures, timings, command, random_ranking)
     write_report(folder, content)
-    outcome.update(rows=rows, figures=figures, table_text=content.table_text)
+    outcome.update(rows=rows, figures=figures, table_text=content.table_text, random_ranking=random_ranking)
     return BUILT, f"{folder / 'report.md'}, {len(figures)} figures"

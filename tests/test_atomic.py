@@ -14,11 +14,10 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path):
     target = tmp_path / "f.txt"
     atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            assert is_temporary(tmp)
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        assert is_temporary(tmp)
+        raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 

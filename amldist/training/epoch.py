@@ -96,8 +96,10 @@ class Trainer:
         model = config.model
         torch.manual_seed(config.run.seed)  # the same initial student on every rank and every run
         self.net = create_net(model.arch, model.pooling, model.projection_dim, pretrained=model.pretrained)
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:  # channels-last convolutions with bf16 on GPUs; on the CPU they ran slower (bench_train)
+        self.settings = StepSettings.for_device(self.device, all_images=self.spec.students_references,
+                                                world_size=world_size, global_batch=config.run.batch_size,
+                                                reduction=config.loss.reduction)
+        if self.settings.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.images = TrainImages(paths.train_shards, config.data.image_size, self.net.meta.mean, self.net.meta.std)
         if not model.pretrained:
@@ -106,8 +108,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.net, config.optim)
         self.scheduler = make_scheduler(self.optimizer, config.optim.lr_decay)
         self.loss_fn = build_loss_from_config(config)
-        self.settings = StepSettings.for_device(self.device, world_size=world_size, global_batch=config.run.batch_size,
-                                                reduction=config.loss.reduction)
         self.val_set = ValidationSet.from_labels(self.val_labels)
         self._val_teacher: np.ndarray | None = None
         self.miner_wait = 0.0

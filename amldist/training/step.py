@@ -5,8 +5,8 @@ vectors. sym (2) and the relational losses: every distinct image of the tuples g
 How images are batched depends on the device (`StepSettings.for_device`): on a GPU the anchors form one
 zero-padded batch (`RetrievalNet` pools each image over its valid region, so padding changes nothing)
 and sym images go in batches of nearly equal shapes (`amldist.batching.bucket_by_shape`); on a CPU only
-images of exactly equal shape share a batch -- padding costs compute, and large batches of large images
-run slower than one image at a time there (cache-bound layers; docs/BENCHMARKS.md, "Training step").
+images of exactly equal shape share a batch: there padded batches trained slower than the reference's
+one image at a time (docs/BENCHMARKS.md, "Training step").
 
 The student is wrapped in `TupleEmbedder`, whose single forward embeds all of a step's batches, so DDP
 sees one forward per backward whatever the number of shape buckets.
@@ -125,11 +125,13 @@ class StepSettings:
     anchors_one_batch: bool = True          # asym: all anchors in one padded batch
 
     @classmethod
-    def for_device(cls, device: torch.device, **settings) -> StepSettings:
-        """GPU: bf16, channels-last, padded batches. CPU: fp32, exact-shape batches (see the module doc)."""
+    def for_device(cls, device: torch.device, all_images: bool = False, **settings) -> StepSettings:
+        """GPU: bf16, channels-last, padded batches. CPU: fp32, exact-shape batches, channels-last only when
+        every tuple image goes through the student (`all_images`: sym, relational), where it paid on the
+        CPU; for anchors alone it did not (docs/BENCHMARKS.md, "Training step")."""
         if device.type == "cuda":
             return cls(device=device, amp_dtype=torch.bfloat16, channels_last=True, **settings)
-        return cls(device=device, max_pad_frac=0.0, anchors_one_batch=False, **settings)
+        return cls(device=device, max_pad_frac=0.0, anchors_one_batch=False, channels_last=all_images, **settings)
 
     @property
     def loss_scale(self) -> float:

@@ -305,8 +305,9 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
     assert printed[0]["scores"]["asym"]["ROxf"]["medium"] is None  # the teacher row: symmetric only
     assert printed[2]["scores"]["asym"]["ROxf"]["medium"] is not None  # Contr+ student: both
     assert {s.status for s in result.stages if s.name != "report"} == {"built"}
+    assert len(table["rows_without_whitening"]) == 4 and set(table["random_ranking"]) == set(table["datasets"])
     markdown = (report / "report.md").read_text()
-    assert "offline-run-" in markdown and "hard_negatives.png" in markdown
+    assert "offline-run-" in markdown and "hard_negatives.png" in markdown and "without whitening" in markdown
     assert sum(1 for line in lines if line.startswith("[") and " in " in line) == len(STAGES)
 
     again = run_demo(settings, echo=lambda line: None)

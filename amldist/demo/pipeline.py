@@ -98,6 +98,7 @@ def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "
     echo("")
     echo(outcome["table_text"])
     echo("")
+    echo(assemble.random_ranking_note(outcome["random_ranking"]))
     echo(f"report: {settings.report_dir / 'report.md'}")
     return DemoResult(outcome["table_text"], str(settings.report_dir), printer.timings)
 
@@ -113,7 +114,7 @@ def _report(state: DemoState, timings: list[StageTiming], command: str, outcome:
     folder.mkdir(parents=True, exist_ok=True)
     rows = assemble.table_rows(state)
     random_ranking = assemble.random_ranking_scores(assemble.read_truths(state.settings))
-    assemble.write_table_json(folder, rows, random_ranking)
+    assemble.write_table_json(folder, rows, assemble.table_rows(state, "raw"), random_ranking)
     figures = assemble.build_figures(state, folder)
     content = assemble.report_content(state, rows, figures, timings, command, random_ranking)
     write_report(folder, content)

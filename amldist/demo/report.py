@@ -51,6 +51,7 @@ class ReportContent:
     table_text: str                            # format_table output
     table_markdown: str
     notes: Sequence[str] = field(default_factory=tuple)
+    extra_tables: Sequence[tuple[str, str]] = field(default_factory=tuple)  # (caption, markdown table)
     figures: Sequence[Figure] = field(default_factory=tuple)
     runs: Sequence[RunSummary] = field(default_factory=tuple)
     stages: Sequence[StageTiming] = field(default_factory=tuple)
@@ -81,6 +82,8 @@ def render_markdown(content: ReportContent) -> str:
               content.table_markdown, "", "As printed:", "", "```", content.table_text, "```", ""]
     if content.notes:
         lines += [f"- {note}" for note in content.notes] + [""]
+    for caption, table in content.extra_tables:
+        lines += [caption, "", table, ""]
     for figure in content.figures:
         lines += [f"## {figure.title}", "", f"![{figure.title}]({figure.filename})", "", figure.caption, ""]
     if content.runs:
@@ -108,6 +111,8 @@ def render_html(content: ReportContent) -> str:
              "<h2>Results (shaped like the paper's Table 3)</h2>", f"<pre>{esc(content.table_text)}</pre>"]
     if content.notes:
         parts.append("<ul>" + "".join(f"<li>{esc(note)}</li>" for note in content.notes) + "</ul>")
+    for caption, table in content.extra_tables:
+        parts += [f"<p>{esc(caption)}</p>", f"<pre>{esc(table)}</pre>"]
     for figure in content.figures:
         parts += [f"<h2>{esc(figure.title)}</h2>", f'<img src="{esc(figure.filename)}" style="max-width:100%">',
                   f"<p>{esc(figure.caption)}</p>"]

@@ -88,7 +88,7 @@ def _finite(value: Any) -> Any:
 
 
 def eval_stage(state: DemoState) -> tuple[str, str]:
-    from amldist.cli.eval import Extractor, evaluate_mode, load_net
+    from amldist.cli.eval import Extractor, evaluate_mode, load_net, whitening_cache_path
 
     s = state.settings
     teacher_run = state.runs[TEACHER_RUN.key]
@@ -99,6 +99,9 @@ def eval_stage(state: DemoState) -> tuple[str, str]:
             pending.append((run, identity))
     if not pending:
         return REUSED, f"{len(state.runs)} networks"
+    for run, _ in pending:  # `amldist eval` caches Lw beside the network by settings, not by weights: a
+        # network evaluated again may have new weights (a resumed or retrained run), so learn its Lw anew
+        whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size, False).unlink(missing_ok=True)
     extractor = Extractor(s.data_root, s.test_image_size, [1.0], "cpu", batch_size=16, workers=0, ray_workers=0)
     args = argparse.Namespace(whitening=TRAIN_DATASET, data_root=s.data_root, distractors=None)
     teacher = load_net("teacher", teacher_run.best_checkpoint, "cpu")

@@ -7,6 +7,7 @@ unrelated to the teacher's.
 """
 
 import dataclasses
+import os
 import uuid
 
 import numpy as np
@@ -30,6 +31,8 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 from amldist.worker import prepare_inputs, run_training
 
+# Ray Train gives a worker group 60 s to start; on a busy 2-core machine that is not always enough.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 IMAGE_SIZE = 64
 # 10 training landmarks of 6 views, 5 val landmarks of 5 views, tiny test sets (unused here).
 PRESET = synth_presets.Preset(
@@ -91,7 +94,8 @@ def untrained_scores(config):
 
 def train(config, storage, name=None, **options):
     name = name or f"t-{uuid.uuid4().hex[:8]}"
-    return run_training(config, storage=str(storage), name=name, max_failures=options.pop("max_failures", 0),
+    # One retry by default: a transient failure of a busy machine resumes from the last checkpoint.
+    return run_training(config, storage=str(storage), name=name, max_failures=options.pop("max_failures", 1),
                         **options), storage / name
 
 

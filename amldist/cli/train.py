@@ -23,9 +23,11 @@ from amldist.errors import UserError
 log = logging.getLogger(__name__)
 
 # Ray Train settings read from the environment by the controller and workers: no doubled prints, no
-# preemption-watcher error line, reports polled every 0.5 s instead of 2 s.
+# preemption-watcher error line, reports polled every 0.5 s instead of 2 s, and 5 minutes instead of 60 s
+# for a worker group to start (importing torch in each worker took most of a minute on a busy 2-core box).
 QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
 
 def register(subparsers) -> None:

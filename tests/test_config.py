@@ -328,3 +328,25 @@ def test_choices_match_the_modules_they_name():
     assert MINER_BACKENDS == BACKENDS
     assert set(TEACHER_DIMS) == {"vgg16", "resnet101"}
     assert all(OUTPUT_CHANNELS[name] == dim for name, dim in TEACHER_DIMS.items())
+
+
+def _readme_preset_rows() -> dict[str, list[str]]:
+    """presets/README.md table rows: preset name -> its cells after the name."""
+    rows = {}
+    for line in (presets_dir() / "README.md").read_text().splitlines():
+        match = re.match(r"^\| `([^`]+)` \|(.*)\|$", line)
+        if match:
+            rows[match.group(1)] = [cell.strip() for cell in match.group(2).split("|")]
+    return rows
+
+
+def test_presets_readme_lists_every_preset_as_it_is():
+    rows = _readme_preset_rows()
+    assert sorted(rows) == list_presets()
+    for name, (arch, _teacher, dim, loss, mining, asym, lr, margin, epochs) in rows.items():
+        config = load_preset(name)
+        assert (arch, loss.split()[0], mining) == (config.model.arch, config.loss.name, config.mining.kind), name
+        assert (asym == "✓", int(epochs)) == (config.loss.asym, config.run.epochs), name
+        assert lr.split() == [config.optim.optimizer, f"{config.optim.lr:g}"], name
+        assert margin == ("–" if config.loss.margin is None else f"{config.loss.margin:g}"), name
+        assert int(dim) == (config.model.projection_dim or OUTPUT_CHANNELS[arch]), name

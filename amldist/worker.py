@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from amldist.checkpoints import save_checkpoint
 from amldist.config import Config, config_from_dict, config_to_dict
 from amldist.miner_actor import start_miner
-from amldist.nets import OUTPUT_CHANNELS, imagenet_state_dict
+from amldist.nets import OUTPUT_CHANNELS, has_imagenet_weights, imagenet_state_dict
 from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
@@ -212,7 +212,7 @@ def prepare_inputs(config: Config, num_feature_workers: int = 0) -> TrainingPath
     if paths.train_store is not None:
         store = check_train_store(config, paths, train_labels.num_images, student_dim(config))
         ensure_val_store(config, paths, store, val_labels.num_images, num_workers=num_feature_workers)
-    if config.model.pretrained and config.model.arch != "small_cnn":
+    if config.model.pretrained and has_imagenet_weights(config.model.arch):
         imagenet_state_dict(config.model.arch)  # once here, so workers find the weights in the hub cache
     return paths
 

@@ -50,7 +50,7 @@ def test_there_is_a_preset_for_every_row_of_table3_and_table2():
     baselines = {f"{s}-{d}-contr-sym" for s in ("mnv2", "effb3") for d in (512, 2048)}
     teachers = {"vgg16-contr-sym", "r101-contr-sym"}
     table2 = {"mnv2-vgg16-contr-pos-asym", "mnv2-vgg16-contr-selfpos-asym"}
-    tiny = {"tiny-teacher-contr-sym", "tiny-mnv2-contrplus-asym", "tiny-mnv2-reg-asym", "tiny-mnv2-contr-sym"}
+    tiny = {"tiny-teacher-contr-sym", "tiny-student-contrplus-asym", "tiny-student-reg-asym", "tiny-student-contr-sym"}
     assert set(PRESETS) == table3 | baselines | teachers | table2 | tiny
 
 
@@ -109,21 +109,23 @@ def test_table2_ablation_presets_switch_the_right_terms():
 def test_tiny_presets_are_small_and_cpu_friendly():
     teacher = load_preset("tiny-teacher-contr-sym")
     assert teacher.model.teacher is None and not teacher.loss.asym and not teacher.model.pretrained
-    for name in ("tiny-mnv2-contrplus-asym", "tiny-mnv2-reg-asym", "tiny-mnv2-contr-sym"):
+    for name in ("tiny-student-contrplus-asym", "tiny-student-reg-asym", "tiny-student-contr-sym"):
         config = load_preset(name)
-        assert config.model.arch == "mobilenet_v2" and not config.model.pretrained
-        assert 128 <= config.data.image_size <= 160 and config.run.epochs <= 10
+        assert config.model.arch == "small_cnn" and not config.model.pretrained
+        assert config.model.freeze_batchnorm is False  # from scratch: BatchNorm trains
+        assert 128 <= config.data.image_size <= 160 and config.run.epochs <= 30
         assert config.mining.pool_size <= 1000 and config.mining.queries_per_epoch <= 200
-        # The students learn from the tiny teacher (d=512 for resnet18).
+        # The students learn from the tiny teacher, projected to its dimension.
         if config.loss.asym:
-            assert config.model.teacher.endswith(".pth.tar") and config.model.projection_dim == 512
+            assert config.model.teacher.endswith(".pth.tar")
+            assert config.model.projection_dim == OUTPUT_CHANNELS[teacher.model.arch]
             assert Path(config.model.teacher).parent.name == teacher.run.name
 
 
-def test_readme_lists_every_preset():
-    readme = (presets_dir() / "README.md").read_text()
-    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, flags=re.MULTILINE))
-    assert listed == set(PRESETS)
+def test_batchnorm_is_frozen_for_pretrained_networks_unless_set():
+    assert load_preset("mnv2-vgg16-contrplus-asym").model.freeze_batchnorm is True
+    assert config_from_dict({"model": {"pretrained": False}}).model.freeze_batchnorm is False
+    assert config_from_dict({"model": {"pretrained": False, "freeze_batchnorm": True}}).model.freeze_batchnorm
 
 
 # ---------------------------------------------------------------- registry defaults
@@ -165,7 +167,7 @@ def test_set_overrides_are_parsed_as_yaml_and_type_checked():
     assert config.loss.margin == 0.5
     later_wins = parse(["--set", "run.seed=1", "--set", "run.seed=2"])
     assert later_wins.run.seed == 2
-    cleared = parse(["--preset", "tiny-mnv2-contrplus-asym", "--set", "optim.lr=null"])
+    cleared = parse(["--preset", "tiny-student-contrplus-asym", "--set", "optim.lr=null"])
     assert cleared.optim.lr == 1e-3  # null = back to the registry default for Contr+
 
 

@@ -236,7 +236,7 @@ def test_each_run_goes_through_the_train_parser_with_the_demo_overrides(tmp_path
     settings = demo_settings("micro", data_root=tmp_path / "root", runs_dir=tmp_path / "runs",
                              extra_overrides=("optim.lr=0.002",))
     argv = train_argv(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
-    assert argv[:3] == ["train", "--config", "tiny-mnv2-contrplus-asym"] and "--local" in argv
+    assert argv[:3] == ["train", "--config", "tiny-student-contrplus-asym"] and "--local" in argv
     _, config = run_config(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
     assert config.run.name == "micro-mnv2-contrplus-asym" == settings.run_name(STUDENT_RUNS[0])
     assert config.data.root == str(tmp_path / "root") and config.data.image_size == 64
@@ -314,3 +314,14 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
     statuses = {s.name: s.status for s in again.stages}
     assert all(statuses[name] == "reused" for name in STAGES if name != "report"), statuses
     assert again.table_text == result.table_text
+
+
+def test_time_table_gives_each_runs_mean_epoch_and_miner_wait_share():
+    from amldist.demo.assemble import time_table
+
+    epoch = {"epoch_time_s": 10.0, "train_time_s": 8.0, "mining_time_s": 1.5, "miner_wait_s": 0.5}
+    slow = dict(epoch, epoch_time_s=30.0, miner_wait_s=1.5)
+    table = time_table({"a": [epoch, slow, {"val_map": 1.0}], "untimed": [{"loss": 1.0}]}).splitlines()
+    assert len(table) == 3  # header, rule, one row: runs without timings are left out
+    assert [cell.strip() for cell in table[2].strip("|").split("|")] == ["a", "2", "20.0", "8.0", "1.50", "1.00",
+                                                                         "5.0%"]

@@ -185,3 +185,21 @@ def test_batchnorm_calibration_uses_the_images_statistics(images):
     torch.testing.assert_close(first_norm.running_mean, want_mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(first_norm.running_var, want_var, rtol=1e-4, atol=1e-5)
     assert net.training and not first_norm.training and first_norm.momentum == 0.1  # frozen again afterwards
+
+
+def test_batchnorm_of_a_from_scratch_network_trains_when_not_frozen(images):
+    torch.manual_seed(0)
+    net = set_train_mode(create_net("small_cnn", "gem", None, pretrained=False), freeze=False)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.training for m in norms)
+    before = batchnorm_stats(net)
+    net(torch.stack([images[0], images[0]]))
+    assert all(not torch.equal(old, new) for old, new in zip(before, batchnorm_stats(net)))
+
+
+def test_trainable_batchnorm_gets_no_padded_batches_on_any_device():
+    # Padding would enter the batch statistics; frozen statistics make a padded batch exact.
+    gpu = StepSettings.for_device(torch.device("cuda"))
+    exact = StepSettings.for_device(torch.device("cuda"), exact_shapes=True)
+    assert gpu.anchors_one_batch and gpu.max_pad_frac > 0
+    assert not exact.anchors_one_batch and exact.max_pad_frac == 0.0 and exact.amp_dtype == torch.bfloat16

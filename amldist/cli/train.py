@@ -1,8 +1,8 @@
 """`amldist train`: train a student (or a teacher) with Ray Train, locally or on a Ray cluster.
 
-    amldist train --config presets/tiny-mnv2-contrplus-asym.yaml --local --num-workers 2
+    amldist train --config presets/tiny-student-contrplus-asym.yaml --local --num-workers 2
     amldist train --config mnv2-vgg16-contrplus-asym --use-gpu --num-workers 8 --storage s3://bucket/runs
-    amldist train --config presets/tiny-mnv2-contrplus-asym.yaml --local --resume          # continue it
+    amldist train --config presets/tiny-student-contrplus-asym.yaml --local --resume          # continue it
 
 `--local` starts a single-node Ray in this process (all CPUs, the GPUs it sees); without it the command
 joins the running cluster (`ray.init(address="auto")`), so `ray job submit -- amldist train ...` works

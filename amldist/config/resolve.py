@@ -55,7 +55,8 @@ def resolve(config: Config) -> Config:
     return dataclasses.replace(
         config,
         model=dataclasses.replace(model, projection_dim=default_projection(model.arch, model.projection_dim,
-                                                                          model.teacher)),
+                                                                          model.teacher),
+                                  freeze_batchnorm=_unset_to(model.freeze_batchnorm, model.pretrained)),
         loss=resolved_loss,
         mining=dataclasses.replace(config.mining, kind=_unset_to(config.mining.kind, LOSSES[name].default_mining)),
         optim=dataclasses.replace(config.optim, lr=lr),

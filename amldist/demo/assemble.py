@@ -26,6 +26,7 @@ from amldist.demo.table import (
     loss_label,
     scores_from_eval,
 )
+from amldist.wandb_log import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,33 @@ def random_ranking_note(random_ranking: dict[str, dict[str, float]]) -> str:
     return f"For reference, a random ranking scores (mean of 20): {'; '.join(parts)}."
 
 
+TIME_CAPTION = ("Seconds per epoch, the mean over each run's epochs in metrics.jsonl (the slowest rank's "
+                "figures). Mining runs from the start of the epoch until training starts: embedding the "
+                "anchors (and, for symmetric runs, the pool) on the workers, plus the miner's answers. Waiting "
+                "on the miner is only the time spent inside calls to the miner actor (the epoch's pool, the "
+                "search, the teacher vectors); the target is at most 10% of an epoch.")
+
+
+def time_table(records_by_run: dict[str, list[dict]]) -> str:
+    """Markdown table of where each run's epochs went, from its metrics.jsonl records."""
+    lines = ["| run | epochs | epoch s | training s | mining s | waiting on the miner s | wait / epoch |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, records in records_by_run.items():
+        epochs = [r for r in records if "epoch_time_s" in r and "miner_wait_s" in r]
+        if not epochs:
+            continue
+        mean = {key: float(np.mean([r.get(key, 0.0) for r in epochs]))
+                for key in ("epoch_time_s", "train_time_s", "mining_time_s", "miner_wait_s")}
+        share = 100.0 * mean["miner_wait_s"] / mean["epoch_time_s"] if mean["epoch_time_s"] > 0 else float("nan")
+        lines.append(f"| {name} | {len(epochs)} | {mean['epoch_time_s']:.1f} | {mean['train_time_s']:.1f} | "
+                     f"{mean['mining_time_s']:.2f} | {mean['miner_wait_s']:.2f} | {share:.1f}% |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- figures
 
 
 def curves_figure(state: DemoState, folder: Path) -> Figure:
-    from amldist.wandb_log import read_metrics
-
     runs = {run.spec.key: read_metrics(run.run_dir) for run in ordered_runs(state)}
     plots.plot_training_curves(runs, folder / CURVES_PNG)
     return Figure(CURVES_PNG, "Training curves",
@@ -201,6 +223,7 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
     raw_caption = ("The same networks without whitening (raw descriptors); learned whitening needs many pairs "
                    "per dimension, which a small synthetic set may not give.")
     raw = (raw_caption, format_markdown(table_rows(state, "raw"), datasets))
+    times = (TIME_CAPTION, time_table({run.name: read_metrics(run.run_dir) for run in ordered_runs(state)}))
     runs = [RunSummary(run.name, run.spec.description, str(run.best_checkpoint), run.config.run.epochs,
                        tuple(str(p) for p in run.wandb_runs)) for run in ordered_runs(state)]
     notes = [("The numbers are whatever this run produced: small networks trained from scratch for a few "
@@ -210,5 +233,5 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
               "unrelated to the teacher's), as in the paper."), random_ranking_note(random_ranking)]
     return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
                          setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
-                         table_markdown=format_markdown(rows, datasets), notes=notes, extra_tables=[raw],
+                         table_markdown=format_markdown(rows, datasets), notes=notes, extra_tables=[raw, times],
                          figures=figures, runs=runs, stages=stages)

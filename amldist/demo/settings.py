@@ -23,11 +23,11 @@ class RunSpec:
     description: str
 
 
-TEACHER_RUN = RunSpec("teacher", "tiny-teacher-contr-sym", "teacher: ResNet18, Contr (4), hard mining, sym")
+TEACHER_RUN = RunSpec("teacher", "tiny-teacher-contr-sym", "teacher: wide_cnn, Contr (4), hard mining, sym")
 STUDENT_RUNS = (
-    RunSpec("contrplus", "tiny-mnv2-contrplus-asym", "student: MobileNetV2, Contr+ (10), hard mining, asym"),
-    RunSpec("reg", "tiny-mnv2-reg-asym", "student: MobileNetV2, Reg (7), no mining, asym"),
-    RunSpec("baseline", "tiny-mnv2-contr-sym", "student alone: MobileNetV2, Contr (4), hard mining, sym (baseline)"),
+    RunSpec("contrplus", "tiny-student-contrplus-asym", "student: small_cnn, Contr+ (10), hard mining, asym"),
+    RunSpec("reg", "tiny-student-reg-asym", "student: small_cnn, Reg (7), no mining, asym"),
+    RunSpec("baseline", "tiny-student-contr-sym", "student alone: small_cnn, Contr (4), hard mining, sym (baseline)"),
 )
 
 
@@ -65,7 +65,7 @@ class DemoSize:
 _SIZES = {
     "tiny": DemoSize("tiny", train_image_size=128, test_image_size=128),
     "small": DemoSize("small", train_image_size=192, test_image_size=256,
-                      overrides=("run.epochs=12", "mining.queries_per_epoch=400", "mining.pool_size=2000")),
+                      overrides=("mining.queries_per_epoch=400", "mining.pool_size=2000")),
     "micro": DemoSize("micro", train_image_size=64, test_image_size=64,
                       overrides=("run.epochs=1", "mining.queries_per_epoch=10", "mining.pool_size=20",
                                  "run.batch_size=4", "data.workers=0")),

@@ -32,7 +32,7 @@ Scores = dict[str, dict[str, dict[str, float | None]]]
 
 @dataclass
 class TableRow:
-    run: str                  # run folder name, e.g. tiny-mnv2-contrplus-asym
+    run: str                  # run folder name, e.g. tiny-student-contrplus-asym
     student: str              # architecture
     dim: int
     teacher: str | None       # architecture of the teacher it learned from; None = trained alone

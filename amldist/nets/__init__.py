@@ -1,6 +1,13 @@
 """Retrieval networks: backbones, pooling, projection, `RetrievalNet` and its meta."""
 
-from amldist.nets.backbones import ARCHITECTURES, OUTPUT_CHANNELS, STUDENTS, TEACHERS, imagenet_state_dict
+from amldist.nets.backbones import (
+    ARCHITECTURES,
+    OUTPUT_CHANNELS,
+    STUDENTS,
+    TEACHERS,
+    has_imagenet_weights,
+    imagenet_state_dict,
+)
 from amldist.nets.meta import IMAGENET_MEAN, IMAGENET_STD, NetMeta
 from amldist.nets.model import RetrievalNet, build_net, create_net, freeze_batchnorm
 from amldist.nets.pooling import MAC, POOLINGS, GeM, SPoC, gem, l2_normalize, mac, spoc
@@ -22,6 +29,7 @@ __all__ = [
     "create_net",
     "freeze_batchnorm",
     "gem",
+    "has_imagenet_weights",
     "imagenet_state_dict",
     "l2_normalize",
     "mac",

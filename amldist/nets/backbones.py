@@ -4,7 +4,8 @@ The module order fixes the parameter names, so networks saved by cirtorch/aml lo
 - vgg16: torchvision `features` without the last max-pool (ends in ReLU)     -> features.0 ... features.29
 - resnet18/50/101: torchvision children without avgpool and fc                -> features.0 ... features.7
 - mobilenet_v2, efficientnet_b3: torchvision `features` as one block          -> features.0.*
-- small_cnn: four conv-BN-ReLU layers (tests and the CPU demo)               -> features.0 ... features.11
+- small_cnn / wide_cnn: four conv-BN-ReLU layers, widths up to 128 / 256      -> features.0 ... features.11
+  (tests and the CPU demo: unlike the ImageNet networks, they learn from scratch in CPU-minutes)
 A student's 1x1 projection (no bias) and its ReLU follow the backbone inside `features`, as in aml
 (`features.1.weight` for mobilenet_v2).
 """
@@ -34,7 +35,10 @@ OUTPUT_CHANNELS = {
     "mobilenet_v2": 1280,
     "efficientnet_b3": 1536,
     "small_cnn": 128,
+    "wide_cnn": 256,
 }
+# Plain conv-BN-ReLU stacks that learn from scratch in CPU-minutes (the CPU demo's teacher and student).
+_PLAIN_CNN_WIDTHS = {"small_cnn": (32, 64, 128, 128), "wide_cnn": (64, 128, 256, 256)}
 ARCHITECTURES = tuple(OUTPUT_CHANNELS)
 TEACHERS = ("vgg16", "resnet101")
 STUDENTS = ("mobilenet_v2", "efficientnet_b3")
@@ -52,10 +56,10 @@ def check_architecture(architecture: str) -> None:
 def backbone_layers(architecture: str, pretrained: bool) -> list[nn.Module]:
     """The backbone as the list of modules that start `RetrievalNet.features`."""
     check_architecture(architecture)
-    if architecture == "small_cnn":
+    if architecture in _PLAIN_CNN_WIDTHS:
         if pretrained:
-            log.debug("small_cnn has no pretrained weights; it starts from random weights")
-        return _small_cnn_layers()
+            log.debug("%s has no pretrained weights; it starts from random weights", architecture)
+        return _plain_cnn_layers(_PLAIN_CNN_WIDTHS[architecture])
     net = getattr(torchvision.models, architecture)(weights=None)
     if pretrained:
         net.load_state_dict(imagenet_state_dict(architecture))
@@ -77,10 +81,14 @@ def num_backbone_layers(architecture: str) -> int:
         return len(backbone_layers(architecture, pretrained=False))
 
 
-def _small_cnn_layers() -> list[nn.Module]:
+def has_imagenet_weights(architecture: str) -> bool:
+    return architecture not in _PLAIN_CNN_WIDTHS
+
+
+def _plain_cnn_layers(widths: tuple[int, ...]) -> list[nn.Module]:
+    """Four (conv 3x3 stride 2, BN, ReLU) blocks of the given output widths."""
     layers: list[nn.Module] = []
-    widths = (3, 32, 64, 128, OUTPUT_CHANNELS["small_cnn"])
-    for cin, cout in itertools.pairwise(widths):
+    for cin, cout in itertools.pairwise((3, *widths)):
         layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
                    nn.ReLU(inplace=True)]
     return layers

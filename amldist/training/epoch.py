@@ -96,13 +96,15 @@ class Trainer:
         model = config.model
         torch.manual_seed(config.run.seed)  # the same initial student on every rank and every run
         self.net = create_net(model.arch, model.pooling, model.projection_dim, pretrained=model.pretrained)
+        self.freeze_batchnorm = bool(model.freeze_batchnorm)
         self.settings = StepSettings.for_device(self.device, all_images=self.spec.students_references,
+                                                exact_shapes=not self.freeze_batchnorm,
                                                 world_size=world_size, global_batch=config.run.batch_size,
                                                 reduction=config.loss.reduction)
         if self.settings.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.images = TrainImages(paths.train_shards, config.data.image_size, self.net.meta.mean, self.net.meta.std)
-        if not model.pretrained:
+        if self.freeze_batchnorm and not model.pretrained:
             self._calibrate_batchnorm()
         self.model = wrap(TupleEmbedder(self.net))
         self.optimizer = make_optimizer(self.net, config.optim)
@@ -216,7 +218,7 @@ class Trainer:
 
     def train_steps(self, steps: list[StepTuples], teacher: VectorTable | None, progress: Progress) -> np.ndarray:
         """Train on the rank's steps; returns every tuple loss (n,)."""
-        set_train_mode(self.net)  # after any eval-mode embedding: BatchNorm statistics stay frozen
+        set_train_mode(self.net, self.freeze_batchnorm)  # after any eval-mode embedding
         every = self.config.optim.update_every
         loader = step_loader(self.images, [student_image_ids(self.spec, st) for st in steps],
                              self.config.data.workers, pin_memory=self.device.type == "cuda")

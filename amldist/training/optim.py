@@ -7,8 +7,10 @@
 - Train mode with every BatchNorm in eval mode: running statistics stay frozen (the reference trains
   from ImageNet statistics with batches of one image), affine weights still learn. Frozen statistics
   are also what makes a padded batch embed exactly like one image at a time. A network trained from
-  scratch has no statistics to freeze: they are first estimated on training images
-  (`calibrate_batchnorm`).
+  scratch has no statistics to freeze: by default its BatchNorm trains (batch statistics, running
+  averages updated; `model.freeze_batchnorm`). Frozen statistics of a from-scratch network, when
+  asked for, are first estimated on training images (`calibrate_batchnorm`); on the synthetic data
+  such networks did not learn at all (docs/TRAINING.md, "BatchNorm").
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ def start_epoch_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> flo
     return float(scheduler.optimizer.param_groups[0]["lr"])
 
 
-def set_train_mode(model: nn.Module) -> nn.Module:
-    """model.train() with BatchNorm statistics frozen (call again after any eval-mode pass)."""
+def set_train_mode(model: nn.Module, freeze: bool = True) -> nn.Module:
+    """model.train(), with BatchNorm statistics frozen unless `freeze` is False (call again after any
+    eval-mode pass)."""
     model.train()
-    return freeze_batchnorm(model)
+    return freeze_batchnorm(model) if freeze else model
 
 
 def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:

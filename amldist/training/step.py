@@ -125,12 +125,15 @@ class StepSettings:
     anchors_one_batch: bool = True          # asym: all anchors in one padded batch
 
     @classmethod
-    def for_device(cls, device: torch.device, all_images: bool = False, **settings) -> StepSettings:
+    def for_device(cls, device: torch.device, all_images: bool = False, exact_shapes: bool = False,
+                   **settings) -> StepSettings:
         """GPU: bf16, channels-last, padded batches. CPU: fp32, exact-shape batches, channels-last only when
         every tuple image goes through the student (`all_images`: sym, relational), where it paid on the
-        CPU; for anchors alone it did not (docs/BENCHMARKS.md, "Training step")."""
+        CPU; for anchors alone it did not (docs/BENCHMARKS.md, "Training step"). `exact_shapes`: no padded
+        batches on any device (BatchNorm that trains would count the padding in its batch statistics)."""
         if device.type == "cuda":
-            return cls(device=device, amp_dtype=torch.bfloat16, channels_last=True, **settings)
+            padding = {"max_pad_frac": 0.0, "anchors_one_batch": False} if exact_shapes else {}
+            return cls(device=device, amp_dtype=torch.bfloat16, channels_last=True, **padding, **settings)
         return cls(device=device, max_pad_frac=0.0, anchors_one_batch=False, channels_last=all_images, **settings)
 
     @property

@@ -238,7 +238,7 @@ def test_each_run_goes_through_the_train_parser_with_the_demo_overrides(tmp_path
     argv = train_argv(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
     assert argv[:3] == ["train", "--config", "tiny-student-contrplus-asym"] and "--local" in argv
     _, config = run_config(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
-    assert config.run.name == "micro-mnv2-contrplus-asym" == settings.run_name(STUDENT_RUNS[0])
+    assert config.run.name == "micro-student-contrplus-asym" == settings.run_name(STUDENT_RUNS[0])
     assert config.data.root == str(tmp_path / "root") and config.data.image_size == 64
     assert config.run.epochs == 1 and config.optim.lr == 0.002 and config.model.teacher == "t.pth"
     assert config.run.num_workers == 2 and config.loss.name == "contrastive_plus"
@@ -325,3 +325,30 @@ def test_time_table_gives_each_runs_mean_epoch_and_miner_wait_share():
     assert len(table) == 3  # header, rule, one row: runs without timings are left out
     assert [cell.strip() for cell in table[2].strip("|").split("|")] == ["a", "2", "20.0", "8.0", "1.50", "1.00",
                                                                          "5.0%"]
+
+
+def test_setup_counts_read_as_words():
+    from amldist.demo.assemble import retrieval_counts, split_counts
+
+    assert split_counts({"clusters": 48, "images": 604, "pairs": 1208}) == "604 images in 48 clusters (1208 pairs)"
+    assert retrieval_counts({"db": 414, "queries": 70}) == "414 database images and 70 queries"
+
+
+def test_reused_stages_report_the_time_they_took_to_build(tmp_path):
+    from amldist.demo.pipeline import StagePrinter
+    from amldist.demo.report import ReportContent, render_markdown
+    from amldist.demo.stages import BUILT, REUSED, DemoState
+
+    history = tmp_path / "times.json"
+    state = DemoState(demo_settings("micro", runs_dir=tmp_path))
+    first = StagePrinter(echo=lambda line: None, history=history)
+    first.run("synth", lambda: (BUILT, "made"), state)
+    built = first.timings[0].built_seconds
+    again = StagePrinter(echo=lambda line: None, history=history)
+    again.run("synth", lambda: (REUSED, "there"), state)
+    again.run("shards", lambda: (REUSED, "there"), state)
+    assert again.timings[0].built_seconds == built and again.timings[1].built_seconds is None
+    text = render_markdown(ReportContent(title="t", command="c", setup=[], table_text="", table_markdown="",
+                                         stages=again.timings))
+    assert f"| synth | reused | {again.timings[0].seconds:.1f} | {built:.1f} | there |" in text
+    assert "| shards | reused |" in text and "| – |" in text

@@ -198,14 +198,24 @@ def build_figures(state: DemoState, folder: Path) -> list[Figure]:
 # ---------------------------------------------------------------- text
 
 
+def split_counts(counts: dict) -> str:
+    """A training split's synth.json counts in words: images, clusters, query/positive pairs."""
+    return f"{counts['images']} images in {counts['clusters']} clusters ({counts['pairs']} pairs)"
+
+
+def retrieval_counts(counts: dict) -> str:
+    return f"{counts['db']} database images and {counts['queries']} queries"
+
+
 def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
     import json
 
     synth = json.loads((settings.data_root / "synth.json").read_text())
     counts = synth["counts"]
     lines = [f"Synthetic landmarks (`amldist data synth --preset {settings.synth_preset}`, seed {settings.seed}) "
-             f"in `{settings.data_root}`: training {counts['train']}, validation {counts['val']}, "
-             + ", ".join(f"{name} {counts[name]}" for name in TEST_DATASETS) + "."]
+             f"in `{settings.data_root}`: training {split_counts(counts['train'])}, validation "
+             f"{split_counts(counts['val'])}, "
+             + ", ".join(f"{name} {retrieval_counts(counts[name])}" for name in TEST_DATASETS) + "."]
     for run in ordered_runs(state):
         c = run.config
         lines.append(f"`{run.name}`: {run.spec.description}; {c.run.epochs} epochs, {c.mining.queries_per_epoch} "

@@ -7,11 +7,14 @@ One process; Ray is started once, by the first training run that needs it, and s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from amldist.atomic import atomic_write_json
 from amldist.demo import assemble
 from amldist.demo.evaluation import eval_stage
 from amldist.demo.report import StageTiming, write_report
@@ -31,6 +34,7 @@ from amldist.errors import UserError
 log = logging.getLogger(__name__)
 
 DATA_STAGES = ("synth", "shards")
+STAGE_TIMES = "{name}-demo-stage-times.json"  # in the runs folder: seconds each stage took when last built
 STAGES = ("synth", "shards", TEACHER_RUN.key, "features", *(r.key for r in STUDENT_RUNS), "eval", "report")
 FORCE_GROUPS = {"students": tuple(r.key for r in STUDENT_RUNS), "all": STAGES}
 
@@ -55,11 +59,14 @@ def force_set(names: Iterable[str]) -> frozenset[str]:
 
 
 class StagePrinter:
-    """Runs stages in order and prints `[i/n] name ... status (detail) in S s` for each."""
+    """Runs stages in order and prints `[i/n] name ... status (detail) in S s` for each. Build times
+    are kept in `history` (a JSON file) so that a stage reused later still reports what it took."""
 
-    def __init__(self, echo: Callable[[str], None] = print):
+    def __init__(self, echo: Callable[[str], None] = print, history: Path | None = None):
         self.echo = echo
         self.timings: list[StageTiming] = []
+        self.history = history
+        self.built_seconds: dict[str, float] = _read_history(history)
 
     def run(self, name: str, action: Callable[[], tuple[str, str]], state: DemoState) -> None:
         position = STAGES.index(name) + 1
@@ -69,14 +76,27 @@ class StagePrinter:
         seconds = time.perf_counter() - started
         if status == BUILT:
             state.rebuilt.add(name)
-        self.timings.append(StageTiming(name, status, seconds, detail))
+            self.built_seconds[name] = seconds
+            if self.history is not None:
+                atomic_write_json(self.history, self.built_seconds)
+        self.timings.append(StageTiming(name, status, seconds, detail, self.built_seconds.get(name)))
         self.echo(f"[{position}/{len(STAGES)}] {name}: {status} in {seconds:.1f} s -- {detail}")
+
+
+def _read_history(path: Path | None) -> dict[str, float]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return {}  # unreadable: the build times are only informative
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
 
 
 def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "amldist demo",
              echo: Callable[[str], None] = print) -> DemoResult:
     state = DemoState(settings, force_set(force))
-    printer = StagePrinter(echo)
+    printer = StagePrinter(echo, settings.runs_dir / STAGE_TIMES.format(name=settings.name))
     data_inputs = list(DATA_STAGES)
     try:
         printer.run("synth", lambda: synth_stage(state), state)

@@ -25,6 +25,7 @@ class StageTiming:
     status: str      # "done" (ran now), "reused" (its output was already there)
     seconds: float
     detail: str = ""
+    built_seconds: float | None = None  # what building it took, in this run or the one that built it
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,17 @@ def _run_lines(runs: Sequence[RunSummary]) -> list[str]:
 
 
 def _stage_lines(stages: Sequence[StageTiming]) -> list[str]:
-    lines = ["| stage | status | seconds | detail |", "|---|---|---:|---|"]
-    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |" for s in stages]
+    lines = ["| stage | status | seconds now | seconds to build | detail |", "|---|---|---:|---:|---|"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {_built_cell(s)} | {s.detail} |" for s in stages]
     total = sum(s.seconds for s in stages)
-    lines.append(f"| **total** | | **{total:.1f}** | |")
+    built = [s.built_seconds for s in stages]
+    built_total = f"**{sum(built):.1f}**" if all(b is not None for b in built) else ""
+    lines.append(f"| **total** | | **{total:.1f}** | {built_total} | |")
     return lines
+
+
+def _built_cell(stage: StageTiming) -> str:
+    return "–" if stage.built_seconds is None else f"{stage.built_seconds:.1f}"
 
 
 def render_markdown(content: ReportContent) -> str:
@@ -125,9 +132,9 @@ def render_html(content: ReportContent) -> str:
                      f"<th>checkpoint</th><th>wandb offline run</th></tr>{rows}</table>")
     if content.stages:
         rows = "".join(f"<tr><td>{esc(s.name)}</td><td>{esc(s.status)}</td><td>{s.seconds:.1f}</td>"
-                       f"<td>{esc(s.detail)}</td></tr>" for s in content.stages)
+                       f"<td>{_built_cell(s)}</td><td>{esc(s.detail)}</td></tr>" for s in content.stages)
         parts.append("<h2>Stages</h2><table border=1 cellpadding=4><tr><th>stage</th><th>status</th>"
-                     f"<th>seconds</th><th>detail</th></tr>{rows}</table>")
+                     f"<th>seconds now</th><th>seconds to build</th><th>detail</th></tr>{rows}</table>")
     body = "\n".join(parts)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(content.title)}</title></head>"
             f"<body style='font-family:sans-serif;max-width:1100px;margin:auto'>{body}</body></html>\n")

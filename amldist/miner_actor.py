@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from amldist import mining
 from amldist.atomic import atomic_write_json
@@ -93,7 +92,7 @@ def build_search(backend: str, pool_vecs: np.ndarray) -> mining.SearchFn:
 
 
 class Miner:
-    """Mining service state; `MinerActor` is this class as a Ray actor (usable directly without Ray).
+    """Mining service state; `start_miner` runs this class as a Ray actor (usable directly without Ray).
 
     clusters (N,): cluster of every image of the training split (index = dataset index).
     store_dir: the teacher feature store of that split (needed for asym mining and teacher_vectors).
@@ -233,20 +232,29 @@ class Miner:
         self._counters["last_mean_distance"] = mean_distance
 
 
-MinerActor = ray.remote(Miner)
+def _actor_class():
+    """`Miner` as a Ray actor class. Ray is imported here, not at module level, so that `Miner` itself
+    (benchmarks, a GPU machine without Ray) needs nothing but numpy and the search backend."""
+    import ray
+
+    return ray.remote(Miner)
 
 
 def start_miner(clusters: np.ndarray, store_dir: str | None = None, *, name: str = DEFAULT_NAME,
                 pool_size: int = mining.DEFAULT_POOL_SIZE, state_dir: str | None = None, backend: str = "auto",
                 namespace: str | None = None, detached: bool = False, **option_overrides: Any):
     """Create the named miner actor (or return the running one of that name); Ray must be initialised."""
+    import ray
+
     options = miner_options(ray.cluster_resources(), name=name, namespace=namespace, detached=detached)
     options.update(option_overrides)
-    return MinerActor.options(get_if_exists=True, **options).remote(
+    return _actor_class().options(get_if_exists=True, **options).remote(
         clusters, None if store_dir is None else str(store_dir), pool_size,
         None if state_dir is None else str(state_dir), backend)
 
 
 def get_miner(name: str = DEFAULT_NAME, namespace: str | None = None):
     """The running miner, from any worker of the same job (or another job, given the namespace)."""
+    import ray
+
     return ray.get_actor(name, namespace=namespace)

@@ -33,17 +33,10 @@ from ray.train.torch import TorchTrainer
 from amldist.checkpoints import save_checkpoint
 from amldist.config import Config, config_from_dict, config_to_dict
 from amldist.miner_actor import start_miner
-from amldist.nets import OUTPUT_CHANNELS, has_imagenet_weights, imagenet_state_dict
 from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
-from amldist.training.paths import (
-    TrainingPaths,
-    check_train_store,
-    ensure_val_store,
-    read_labels,
-    resolve_paths,
-)
+from amldist.training.paths import TrainingPaths, prepare_inputs, read_labels
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 from amldist.wandb_log import RunLog
 
@@ -193,28 +186,12 @@ def _summary(metrics: dict) -> str:
 # ---------------------------------------------------------------- the driver
 
 
-def student_dim(config: Config) -> int:
-    return config.model.projection_dim or OUTPUT_CHANNELS[config.model.arch]
-
-
 def local_run_dir(config: Config, storage: str, name: str) -> Path:
     """Where rank 0 writes model_best, metrics.jsonl and wandb: the Ray run folder for a local storage
     path, else run.out_dir/<name> on rank 0's node (a URI storage holds only Ray's checkpoints)."""
     if "://" in str(storage):
         return Path(config.run.out_dir).expanduser().resolve() / name
     return Path(storage).expanduser().resolve() / name
-
-
-def prepare_inputs(config: Config, num_feature_workers: int = 0) -> TrainingPaths:
-    """Check data, shards and teacher stores (computing the val store if needed); fetch ImageNet weights."""
-    paths = resolve_paths(config)
-    train_labels, val_labels = read_labels(paths)
-    if paths.train_store is not None:
-        store = check_train_store(config, paths, train_labels.num_images, student_dim(config))
-        ensure_val_store(config, paths, store, val_labels.num_images, num_workers=num_feature_workers)
-    if config.model.pretrained and has_imagenet_weights(config.model.arch):
-        imagenet_state_dict(config.model.arch)  # once here, so workers find the weights in the hub cache
-    return paths
 
 
 def run_training(config: Config | dict, *, storage: str, name: str, callbacks: list | None = None,

@@ -45,7 +45,7 @@ def ordered_runs(state: DemoState) -> list[RunOutcome]:
 def table_row(run: RunOutcome, teacher: RunOutcome, results: dict, variant: str = "whiten") -> TableRow:
     """The run's Table-3 row from its eval results; variant 'whiten' (learned whitening) or 'raw'."""
     from amldist.losses.registry import loss_spec
-    from amldist.worker import student_dim
+    from amldist.training.paths import student_dim
 
     config = run.config
     if run is teacher:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePath
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
 from amldist.feature_store import FeatureStore, file_sha256
-from amldist.nets import TEACHERS
+from amldist.nets import OUTPUT_CHANNELS, TEACHERS, has_imagenet_weights, imagenet_state_dict
 from amldist.training.plan import SplitLabels
 
 log = logging.getLogger(__name__)
@@ -164,3 +164,21 @@ def ensure_val_store(config, paths: TrainingPaths, train_store: FeatureStore, nu
     log.info("computing the teacher's val features into %s", paths.val_store)
     return compute_features(network, paths.val_shards, paths.val_store, image_size=train_store.manifest["image_size"],
                             scales=train_store.manifest["scales"], num_workers=num_workers)
+
+
+def student_dim(config) -> int:
+    """d of the student's descriptors: its projection, else its backbone's channels."""
+    return config.model.projection_dim or OUTPUT_CHANNELS[config.model.arch]
+
+
+def prepare_inputs(config, num_feature_workers: int = 0) -> TrainingPaths:
+    """Check data, shards and teacher stores (computing the val store if needed); fetch ImageNet weights.
+    Runs once on the driver, before any trainer starts."""
+    paths = resolve_paths(config)
+    train_labels, val_labels = read_labels(paths)
+    if paths.train_store is not None:
+        store = check_train_store(config, paths, train_labels.num_images, student_dim(config))
+        ensure_val_store(config, paths, store, val_labels.num_images, num_workers=num_feature_workers)
+    if config.model.pretrained and has_imagenet_weights(config.model.arch):
+        imagenet_state_dict(config.model.arch)  # once here, so workers find the weights in the hub cache
+    return paths

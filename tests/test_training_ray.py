@@ -23,13 +23,13 @@ from amldist.shards import shard_dataset
 from amldist.synth import presets as synth_presets
 from amldist.synth.writer import generate
 from amldist.training.epoch import Trainer
-from amldist.training.paths import default_store_dir, read_labels, resolve_paths
+from amldist.training.paths import default_store_dir, prepare_inputs, read_labels, resolve_paths
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE
 from amldist.wandb_log import read_metrics
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-from amldist.worker import prepare_inputs, run_training
+from amldist.worker import run_training
 
 # Ray Train gives a worker group 60 s to start; on a busy 2-core machine that is not always enough.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -150,3 +150,34 @@ def test_sym_training_with_two_workers(data_root, ray_session, tmp_path):
     assert result.return_value["best_score"] > before, (before, [r["val_map_sym"] for r in records])
     state = safe_torch_load(result.checkpoint.path + "/" + CHECKPOINT_FILE)
     assert state["epoch"] == 3 and state["metrics"]["progress"]["global_step"] == 3 * 6
+
+
+def test_the_one_process_trainer_runs_the_same_loop_without_ray(data_root, tmp_path, monkeypatch):
+    """scripts/train_one_process.py (for GPU machines without Ray): Contr+ asym under a gloo group of one."""
+    import importlib.util
+    import json
+    import socket
+
+    from amldist.config import config_to_yaml
+
+    spec = importlib.util.spec_from_file_location("train_one_process",
+                                                  os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                               "train_one_process.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    config = make_config(data_root, "contrastive_plus", epochs=5)
+    (tmp_path / "run.yaml").write_text(config_to_yaml(config))
+    out = tmp_path / "metrics.json"
+    assert script.main(["--config", str(tmp_path / "run.yaml"), "--device", "cpu", "--epochs", "3",
+                        "--out", str(out)]) == 0
+    epochs = json.loads(out.read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # --epochs overrides run.epochs
+    assert all(e["tuples"] == 60 and e["avg_neg_distance"] > 0 and np.isfinite(e["loss"]) for e in epochs)
+    before = untrained_scores(config)["val_map_asym"]
+    assert max(e["val_map_asym"] for e in epochs) > before + 4.0
+    assert script.main(["--config", str(tmp_path / "run.yaml"), "--set", "optim.lr=-1"]) == 2  # one-line error

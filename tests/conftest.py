@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet progress bars and Ray, CPU-only torch, small thread counts."""
+"""Shared test set-up: quiet progress bars and Ray, CPU-only torch unless AMLDIST_TEST_GPU=1, small thread counts."""
 
 import os
 
@@ -8,7 +8,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if os.environ.get("AMLDIST_TEST_GPU") != "1":  # GPU tests (-m gpu) need AMLDIST_TEST_GPU=1 to see the GPU
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest
 

@@ -1,12 +1,15 @@
 """Mining time per epoch: our top-k + vectorised filter vs the reference (cirtorch: full matrix product,
 full sort of every ranking, per-query Python walk), and the miner's latency as the pool grows.
 
-    python benchmarks/bench_mining.py [--quick]
+    python benchmarks/bench_mining.py [--quick] [--device cpu|cuda] [--pools 22000,100000,...]
 
 Part 1 mines 2000 anchors against a 22k pool, d=512 (the paper's epoch), both ways, and checks the
 answers agree. Part 2 times the miner (teacher store memory-mapped as float16) at pool sizes up to the
 largest that fits in memory: building the epoch's index, one epoch of 2000 anchors, one batch of 10.
-Writes runs/bench/mining.json.
+With --device cuda both sides run on the GPU as they would there: the reference's product, sort and
+walk over GPU tensors (cirtorch keeps its vectors on the GPU), ours with the torch-cuda search backend
+(the miner's choice on a GPU without faiss-gpu), and the miner with that backend.
+Writes runs/bench/mining.json (mining-cuda.json on the GPU).
 """
 
 from __future__ import annotations
@@ -54,18 +57,27 @@ def noisy_anchors(pool: np.ndarray, count: int, rng: np.random.Generator):
     return anchors / np.linalg.norm(anchors, axis=1, keepdims=True), picks
 
 
-def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count):
-    """cirtorch's epoch mining: scores of every pool image, a full sort, a Python walk per query."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count, device="cpu"):
+    """cirtorch's epoch mining: scores of every pool image, a full sort, a Python walk per query
+    (on `device`: the vectors are already there, as in cirtorch, so no copy is timed)."""
     timings = {}
+    pool_t, anchors_t = torch.from_numpy(pool).to(device), torch.from_numpy(anchors).to(device)
+    _sync(device)
     started = time.perf_counter()
-    scores = torch.mm(torch.from_numpy(pool), torch.from_numpy(anchors).T)  # (P, Q)
+    scores = torch.mm(pool_t, anchors_t.T)  # (P, Q)
+    _sync(device)
     timings["product_s"] = time.perf_counter() - started
     started = time.perf_counter()
     _, ranks = torch.sort(scores, dim=0, descending=True)  # (P, Q)
+    _sync(device)
     timings["sort_s"] = time.perf_counter() - started
     started = time.perf_counter()
     negatives, distance_sum = [], 0.0
-    pool_t, anchors_t = torch.from_numpy(pool), torch.from_numpy(anchors)
     for q in range(len(anchors)):
         used, chosen, r = [int(anchor_clusters[q])], [], 0
         while len(chosen) < count:
@@ -80,30 +92,34 @@ def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count):
     return np.array(negatives), distance_sum / (len(anchors) * count), timings
 
 
-def ours(anchors, pool, pool_clusters, anchor_clusters, count):
-    return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters, count)
+def ours(anchors, pool, pool_clusters, anchor_clusters, count, device="cpu"):
+    """Top-k search (faiss on the CPU; torch-cuda on the GPU, index build included) + vectorised filter."""
+    search = mining.torch_topk_search(pool, device="cuda") if device == "cuda" else None
+    return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters, count,
+                                        search=search)
 
 
-def compare_with_reference(num_queries: int, pool_size: int, dim: int, repeats: int) -> dict:
+def compare_with_reference(num_queries: int, pool_size: int, dim: int, repeats: int, device: str = "cpu") -> dict:
     rng = np.random.default_rng(0)
     pool16, clusters = clustered_unit_vectors(pool_size, dim, rng)
     pool = pool16.astype(np.float32)
     anchors, picks = noisy_anchors(pool16, num_queries, rng)
     anchor_clusters = clusters[picks]
-    ours(anchors[:50], pool, clusters, anchor_clusters[:50], NUM_NEGATIVES)  # warm up BLAS/faiss threads
+    ours(anchors[:50], pool, clusters, anchor_clusters[:50], NUM_NEGATIVES, device)  # warm up threads/kernels
+    reference_mining(anchors[:50], pool, clusters, anchor_clusters[:50], NUM_NEGATIVES, device)
     best_ref, best_ours = None, float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
-        ref_neg, ref_dist, parts = reference_mining(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES)
-        total = time.perf_counter() - started
+        ref_neg, ref_dist, parts = reference_mining(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES, device)
+        total = sum(parts.values())
         if best_ref is None or total < best_ref["total_s"]:
             best_ref = {"total_s": total, **parts}
         started = time.perf_counter()
-        our_neg, our_dist = ours(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES)
+        our_neg, our_dist = ours(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES, device)
         best_ours = min(best_ours, time.perf_counter() - started)
     same_rows = float((our_neg == ref_neg).all(axis=1).mean())
     same_sets = float((np.sort(our_neg, axis=1) == np.sort(ref_neg, axis=1)).all(axis=1).mean())
-    return {"queries": num_queries, "pool": pool_size, "dim": dim, "reference": best_ref, "ours_s": best_ours,
+    return {"queries": num_queries, "pool": pool_size, "dim": dim, "device": device, "reference": best_ref,
+            "ours_s": best_ours,
             "speedup": best_ref["total_s"] / best_ours, "identical_rows": same_rows, "same_sets": same_sets,
             "mean_distance": {"reference": ref_dist, "ours": our_dist}}
 
@@ -116,7 +132,7 @@ def available_memory_bytes() -> int:
     return 0
 
 
-def miner_latency(pool_size: int, dim: int, workdir: Path) -> dict:
+def miner_latency(pool_size: int, dim: int, workdir: Path, backend: str = "auto") -> dict:
     """Time the miner with a store of `pool_size` images, all of them in the epoch's pool."""
     rng = np.random.default_rng(pool_size)
     vectors, clusters = clustered_unit_vectors(pool_size, dim, rng)
@@ -125,7 +141,7 @@ def miner_latency(pool_size: int, dim: int, workdir: Path) -> dict:
                         image_size=362, scales=[1.0], dataset="synthetic", split="train")
     anchors, picks = noisy_anchors(vectors, 2000, rng)
     del vectors
-    miner = Miner(clusters, str(store_dir), pool_size=pool_size)
+    miner = Miner(clusters, str(store_dir), pool_size=pool_size, backend=backend)
     started = time.perf_counter()
     miner.new_epoch(0, seed=0)
     miner.mine(picks[:1], anchors[:1], NUM_NEGATIVES)  # the first call of an epoch builds the index
@@ -144,8 +160,8 @@ def miner_latency(pool_size: int, dim: int, workdir: Path) -> dict:
 
 def print_tables(result: dict) -> None:
     ref = result["reference"]
-    print(f"\nMining one epoch: {ref['queries']} anchors x {ref['pool']} pool, d={ref['dim']}, "
-          f"{NUM_NEGATIVES} negatives")
+    print(f"\nMining one epoch on the {result['device']}: {ref['queries']} anchors x {ref['pool']} pool, "
+          f"d={ref['dim']}, {NUM_NEGATIVES} negatives")
     print(f"{'approach':<44}{'seconds':>10}")
     r = ref["reference"]
     print(f"{'reference (product + sort + Python walk)':<44}{r['total_s']:>10.3f}"
@@ -165,7 +181,10 @@ def print_tables(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (checks it runs)")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "mining.json"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where both sides run (default cpu; cuda: see above)")
+    parser.add_argument("--pools", default=None, help="comma list of miner pool sizes (default 22k..1M)")
+    parser.add_argument("--out", default=None, help="default runs/bench/mining.json (mining-cuda.json on cuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     dim = 512
@@ -173,18 +192,24 @@ def main(argv: list[str] | None = None) -> int:
         queries, pool, repeats, pools = 300, 5000, 1, [22_000, 50_000]
     else:
         queries, pool, repeats, pools = 2000, 22_000, 2, [22_000, 100_000, 500_000, 1_000_000]
+    if args.pools:
+        pools = [int(size) for size in args.pools.split(",")]
+    backend = "torch-cuda" if args.device == "cuda" else "auto"
     result = {"quick": args.quick, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "cuda": torch.cuda.is_available(), "latency": [], "skipped_pools": []}
-    result["reference"] = compare_with_reference(queries, pool, dim, repeats)
+              "device": args.device, "cuda": torch.cuda.is_available(), "latency": [], "skipped_pools": []}
+    if args.device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(0)
+    result["reference"] = compare_with_reference(queries, pool, dim, repeats, args.device)
     with tempfile.TemporaryDirectory(prefix="bench-mining-") as workdir:
         for size in pools:
             needed = size * dim * 14  # float16 array and its copy, float32 pool, float32 faiss index
             if needed > 0.8 * available_memory_bytes():
                 result["skipped_pools"].append(size)
                 continue
-            result["latency"].append(miner_latency(size, dim, Path(workdir)))
+            result["latency"].append(miner_latency(size, dim, Path(workdir), backend))
     print_tables(result)
-    out = Path(args.out)
+    default_name = "mining-cuda.json" if args.device == "cuda" else "mining.json"
+    out = Path(args.out or ROOT / "runs" / "bench" / default_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {out}")

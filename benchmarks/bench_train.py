@@ -17,7 +17,7 @@ approach is kept.
 Defaults: on a GPU the paper's set-up (images <= 362 px, 10 tuples per batch); on a CPU images <= 256 px
 and 5 tuples per batch, because the batched sym step holds the activations of all of a batch's images
 at once (70 images of 362 px took over 10 GB of RAM here) where the reference holds one image's.
-Prints a table and writes runs/bench/train.json.
+Prints a table and writes runs/bench/train.json (train-cuda.json on a GPU).
 """
 
 from __future__ import annotations
@@ -99,6 +99,10 @@ def approaches(mode: str, device: torch.device, cpu_bf16: bool) -> list[tuple[st
     if device.type == "cuda":
         out.append(("ours, fp32 (no autocast)", {"settings": {"amp_dtype": None}}))
         out.append(("ours, contiguous (no channels-last)", {"settings": {"channels_last": False}}))
+        out.append(("ours + cudnn.benchmark", {"cudnn_benchmark": True}))
+        out.append(("ours, exact-shape batches", {"settings": {"max_pad_frac": 0.0, "anchors_one_batch": False}}))
+        out.append(("ours, one padded batch + cudnn.benchmark", {"settings": {"max_pad_frac": 0.99},
+                                                                 "cudnn_benchmark": True}))
         return out
     out.append(("ours, padded batches", {"settings": {"anchors_one_batch": True, "max_pad_frac": 0.25}}))
     if cpu_bf16:
@@ -115,6 +119,7 @@ def time_approach(mode, options, tuples, images, teacher, device, steps) -> floa
     settings = StepSettings.for_device(device, all_images=mode == "sym", global_batch=len(tuples))
     for key, value in options.get("settings", {}).items():
         setattr(settings, key, value)
+    torch.backends.cudnn.benchmark = bool(options.get("cudnn_benchmark"))  # per-shape algorithm search
     torch.manual_seed(0)
     net = create_net("mobilenet_v2", "gem", DIM, pretrained=False).to(device)
     if settings.channels_last and not options.get("reference"):
@@ -203,12 +208,20 @@ def report(results, device, size, batch, rounds, quick, rounds_seen) -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mib:.0f} MiB")
-    summary = {"device": str(device), "image_size": size, "batch_tuples": batch, "rounds": rounds, "quick": quick,
+    gpu = device.type == "cuda"
+    if gpu:
+        print(f"{torch.cuda.get_device_name(device)}: peak GPU memory allocated "
+              f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    summary = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if gpu else "cpu",
+               "gpu_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None,
+               "torch": torch.__version__, "image_size": size, "batch_tuples": batch, "rounds": rounds,
+               "quick": quick,
                "threads": torch.get_num_threads(), "peak_rss_mib": peak_mib, "tuples_per_s": results,
                "tuples_per_s_each_round": rounds_seen,
                "speedup": {mode: {label: rate / rates["reference"] for label, rate in rates.items()}
                            for mode, rates in results.items()}}
-    out = OUT if set(results) == {"sym", "asym"} else OUT.with_name(f"train-{'-'.join(results)}.json")
+    parts = ([] if set(results) == {"sym", "asym"} else list(results)) + (["cuda"] if gpu else [])
+    out = OUT.with_name("-".join(["train", *parts]) + ".json")  # train.json, train-cuda.json, train-sym.json
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 

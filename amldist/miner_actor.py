@@ -62,13 +62,16 @@ def miner_options(cluster_resources: Mapping[str, float], name: str = DEFAULT_NA
 
 
 def choose_backend(requested: str = "auto") -> str:
-    """faiss on the GPU when faiss has GPU support, else a torch matmul top-k on the GPU, else faiss on CPU."""
+    """faiss on the GPU when faiss has GPU support, else a torch matmul top-k on the GPU, else faiss on the
+    CPU, else (no faiss installed) the torch top-k on the CPU."""
     if requested not in BACKENDS:
         raise UserError(f"unknown search backend {requested!r}; choose from {', '.join(BACKENDS)}")
     import torch
 
     from amldist import faiss_index
 
+    if requested == "faiss-cpu" and not faiss_index.faiss_available():
+        raise UserError("search backend faiss-cpu needs faiss (pip install faiss-cpu)")
     if requested == "faiss-gpu" and not faiss_index.gpu_available():
         raise UserError("search backend faiss-gpu needs a faiss build with GPU support and a visible GPU")
     if requested == "torch-cuda" and not torch.cuda.is_available():
@@ -77,7 +80,9 @@ def choose_backend(requested: str = "auto") -> str:
         return requested
     if faiss_index.gpu_available():
         return "faiss-gpu"
-    return "torch-cuda" if torch.cuda.is_available() else "faiss-cpu"
+    if torch.cuda.is_available():
+        return "torch-cuda"
+    return "faiss-cpu" if faiss_index.faiss_available() else "torch-cpu"
 
 
 def build_search(backend: str, pool_vecs: np.ndarray) -> mining.SearchFn:

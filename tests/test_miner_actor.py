@@ -60,6 +60,15 @@ def test_backend_choice_without_gpu():
             choose_backend(unusable)
 
 
+def test_backend_choice_without_faiss_names_the_search_it_runs(monkeypatch):
+    from amldist import faiss_index
+
+    monkeypatch.setattr(faiss_index, "faiss", None)
+    assert choose_backend("auto") == "torch-cpu"  # not "faiss-cpu" backed by a numpy fallback
+    with pytest.raises(UserError, match="needs faiss"):
+        choose_backend("faiss-cpu")
+
+
 @pytest.mark.parametrize("backend", ["faiss-cpu", "torch-cpu"])
 def test_plain_miner_answers_like_the_library(case, backend):
     miner = Miner(case["clusters"], case["store"], pool_size=POOL, backend=backend)

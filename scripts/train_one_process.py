@@ -71,7 +71,8 @@ def train(config, device: torch.device) -> list[dict]:
     miner = Miner(train_labels.clusters, paths.train_store, pool_size=config.mining.pool_size,
                   backend=config.mining.backend)
     trainer = Trainer(config, paths, miner, device=device, wrap=ddp_wrapper(device), rank=rank, world_size=world_size)
-    print(f"device {device}, miner backend {miner.backend}, autocast {trainer.settings.amp_dtype}, "
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # one log under torchrun
+    say(f"device {device}, miner backend {miner.backend}, autocast {trainer.settings.amp_dtype}, "
           f"channels-last {trainer.settings.channels_last}, process group {dist.get_backend()} x {world_size}",
           flush=True)
     progress, epochs = Progress(), []
@@ -79,7 +80,7 @@ def train(config, device: torch.device) -> list[dict]:
         metrics = {"epoch": epoch, **trainer.run_epoch(epoch, progress).metrics}
         epochs.append(metrics)
         shown = " ".join(f"{key}={metrics[key]:.4g}" for key in SHOWN if isinstance(metrics.get(key), float))
-        print(f"epoch {epoch + 1}/{config.run.epochs}: {shown}", flush=True)
+        say(f"epoch {epoch + 1}/{config.run.epochs}: {shown}", flush=True)
     return epochs
 
 
@@ -96,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:
             overrides.append(("run.epochs", args.epochs))
         config = config_from_dict(apply_overrides(preset_dict(args.config), overrides))
-    except UserError as err:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device here")
+    except (UserError, RuntimeError) as err:  # RuntimeError: a malformed --device
         print(f"error: {err}", file=sys.stderr)
         return 2
-    device = start_group(torch.device(args.device))
+    device = start_group(device)
+    rank = dist.get_rank()
     started = time.perf_counter()
     try:
         epochs = train(config, device)
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.destroy_process_group()
     total = time.perf_counter() - started
+    if rank != 0:
+        return 0
     print(f"{len(epochs)} epochs in {total:.1f} s", flush=True)
     if args.out:
         summary = {"config": args.config, "overrides": args.overrides, "device": str(device),

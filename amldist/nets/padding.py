@@ -3,9 +3,9 @@
 Images of different sizes are zero-padded (bottom/right) to one shape. Pooling over only the valid
 region is not enough: every convolution near the padding edge would read padded activations where the
 lone image reads its convolution's zero padding. So, for the duration of a padded forward, each
-spatial layer (convolutions, pooling layers, squeeze-excitation averages) gets a hook that resets its
-input outside the image's valid region to what a lone image's padding holds (0, or -inf for max
-pooling). The valid size at each layer comes from one shape-only forward per distinct image size on
+spatial layer (convolutions wider than 1x1, pooling layers, squeeze-excitation averages) gets a hook
+that resets its input outside the image's valid region to what a lone image's padding holds (0, or
+-inf for max pooling). The valid size at each layer comes from one shape-only forward per distinct image size on
 an empty batch (no arithmetic), cached. Batched embeddings then equal one-at-a-time
 embeddings up to float rounding, as long as BatchNorm uses running statistics (eval or frozen BN).
 """
@@ -33,8 +33,17 @@ Size = tuple[int, int]
 
 
 def spatial_modules(features: nn.Module) -> list[nn.Module]:
-    """The layers whose output at a position depends on neighbouring positions."""
-    return [m for m in features.modules() if isinstance(m, _SPATIAL)]
+    """The layers whose output at a position depends on neighbouring positions. A pointwise convolution
+    (1x1 kernel, no padding, any stride) reads only the position it writes, so whatever the padding
+    holds stays in the padding: it needs no mask, and skipping it saves two masking kernels (forward,
+    backward) per such layer, most of MobileNetV2's and ResNet's convolutions."""
+    return [m for m in features.modules() if isinstance(m, _SPATIAL) and not _pointwise(m)]
+
+
+def _pointwise(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str):  # "same" pads 1x1 by nothing,
+        return False                                                          # but keep the rule simple
+    return tuple(module.kernel_size) == (1, 1) and tuple(module.padding) == (0, 0)
 
 
 def trace_sizes(features: nn.Module, layers: list[nn.Module], in_channels: int, size: Size

@@ -5,8 +5,8 @@ region is not enough: every convolution near the padding edge would read padded 
 lone image reads its convolution's zero padding. So, for the duration of a padded forward, each
 spatial layer (convolutions wider than 1x1, pooling layers, squeeze-excitation averages) gets a hook
 that resets its input outside the image's valid region to what a lone image's padding holds (0, or
--inf for max pooling). The valid size at each layer comes from one shape-only forward per distinct image size on
-an empty batch (no arithmetic), cached. Batched embeddings then equal one-at-a-time
+-inf for max pooling). The valid size at each layer comes from one shape-only forward per distinct
+image size on an empty batch (no arithmetic), cached. Batched embeddings then equal one-at-a-time
 embeddings up to float rounding, as long as BatchNorm uses running statistics (eval or frozen BN).
 """
 
@@ -41,9 +41,9 @@ def spatial_modules(features: nn.Module) -> list[nn.Module]:
 
 
 def _pointwise(module: nn.Module) -> bool:
-    if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str):  # "same" pads 1x1 by nothing,
-        return False                                                          # but keep the rule simple
-    return tuple(module.kernel_size) == (1, 1) and tuple(module.padding) == (0, 0)
+    """A 1x1 convolution without padding ("same" and "valid" pad a 1x1 kernel by nothing)."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and module.padding in ("valid", "same", (0, 0)))
 
 
 def trace_sizes(features: nn.Module, layers: list[nn.Module], in_channels: int, size: Size

@@ -209,14 +209,13 @@ def report(results, device, size, batch, rounds, quick, rounds_seen) -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mib:.0f} MiB")
     gpu = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    gpu_peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None
     if gpu:
-        print(f"{torch.cuda.get_device_name(device)}: peak GPU memory allocated "
-              f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
-    summary = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if gpu else "cpu",
-               "gpu_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None,
+        print(f"{device_name}: peak GPU memory allocated {gpu_peak_mib:.0f} MiB")
+    summary = {"device": str(device), "device_name": device_name, "gpu_peak_allocated_mib": gpu_peak_mib,
                "torch": torch.__version__, "image_size": size, "batch_tuples": batch, "rounds": rounds,
-               "quick": quick,
-               "threads": torch.get_num_threads(), "peak_rss_mib": peak_mib, "tuples_per_s": results,
+               "quick": quick, "threads": torch.get_num_threads(), "peak_rss_mib": peak_mib, "tuples_per_s": results,
                "tuples_per_s_each_round": rounds_seen,
                "speedup": {mode: {label: rate / rates["reference"] for label, rate in rates.items()}
                            for mode, rates in results.items()}}

@@ -156,7 +156,6 @@ def test_the_one_process_trainer_runs_the_same_loop_without_ray(data_root, tmp_p
     """scripts/train_one_process.py (for GPU machines without Ray): Contr+ asym under a gloo group of one."""
     import importlib.util
     import json
-    import socket
 
     from amldist.config import config_to_yaml
 
@@ -165,10 +164,9 @@ def test_the_one_process_trainer_runs_the_same_loop_without_ray(data_root, tmp_p
                                                                "train_one_process.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+    # The group's variables set here (the script would set them for good in this test process).
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(script.free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     config = make_config(data_root, "contrastive_plus", epochs=5)
     (tmp_path / "run.yaml").write_text(config_to_yaml(config))

@@ -68,7 +68,7 @@ def test_resume_guards(tmp_path):
     with pytest.raises(UserError, match="pass --resume"):
         check_resume(str(storage), "half", None, 3)  # Ray would silently continue it
     assert check_resume(str(storage), "half", "", 3) is None  # Ray continues it from its own checkpoint
-    with pytest.raises(UserError, match="raise --epochs"):
+    with pytest.raises(UserError, match="has finished 2 epochs and --epochs asks for 2; pass --epochs above 2"):
         check_resume(str(storage), "half", "", 2)
     source = fake_run(tmp_path / "elsewhere", 1)
     with pytest.raises(UserError, match="start a new run from .*elsewhere"):

@@ -134,7 +134,8 @@ def check_resume(storage: str, name: str, resume: str | None, epochs: int) -> st
                               f"that run, or --name to start a new run from {resume}")
         last = checkpoint_file(resume)
     done = load_epochs_done(checkpoint_file(last))
-    require(done < epochs, f"the checkpoint {last} has finished all {epochs} epochs; raise --epochs to train longer")
+    require(done < epochs, f"the checkpoint {last} has finished {done} epochs and --epochs asks for {epochs}; "
+                           f"pass --epochs above {done} to train longer")
     return None if resume == "" else str(last)
 
 

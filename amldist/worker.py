@@ -36,7 +36,7 @@ from amldist.miner_actor import start_miner
 from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
-from amldist.training.paths import TrainingPaths, prepare_inputs, read_labels
+from amldist.training.paths import TrainingPaths, prepare_inputs
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 from amldist.wandb_log import RunLog
 
@@ -206,10 +206,9 @@ def run_training(config: Config | dict, *, storage: str, name: str, callbacks: l
     config = config if isinstance(config, Config) else config_from_dict(config)
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (ray.init) first")
-    paths = prepare_inputs(config, num_feature_workers=0 if _single_node() else config.run.num_workers)
+    paths, train_labels = prepare_inputs(config, num_feature_workers=0 if _single_node() else config.run.num_workers)
     run_dir = local_run_dir(config, storage, name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_labels, _ = read_labels(paths)
     miner_name = f"amldist-miner-{uuid.uuid4().hex[:12]}"
     miner = start_miner(train_labels.clusters, paths.train_store, name=miner_name, pool_size=config.mining.pool_size,
                         state_dir=str(run_dir / "miner"), backend=config.mining.backend, **_miner_gpu(config))

@@ -34,7 +34,7 @@ from amldist.config import apply_overrides, config_from_dict, parse_set, preset_
 from amldist.errors import UserError
 from amldist.miner_actor import Miner
 from amldist.training.epoch import Trainer
-from amldist.training.paths import prepare_inputs, read_labels
+from amldist.training.paths import prepare_inputs
 from amldist.training.state import Progress
 
 SHOWN = ("loss", "avg_neg_distance", "val_map_sym", "val_map_asym", "tuples_per_s", "epoch_time_s", "miner_wait_s")
@@ -65,8 +65,7 @@ def ddp_wrapper(device: torch.device):
 
 
 def train(config, device: torch.device) -> list[dict]:
-    paths = prepare_inputs(config)
-    train_labels, _ = read_labels(paths)
+    paths, train_labels = prepare_inputs(config)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     miner = Miner(train_labels.clusters, paths.train_store, pool_size=config.mining.pool_size,
                   backend=config.mining.backend)

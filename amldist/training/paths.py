@@ -171,9 +171,10 @@ def student_dim(config) -> int:
     return config.model.projection_dim or OUTPUT_CHANNELS[config.model.arch]
 
 
-def prepare_inputs(config, num_feature_workers: int = 0) -> TrainingPaths:
+def prepare_inputs(config, num_feature_workers: int = 0) -> tuple[TrainingPaths, SplitLabels]:
     """Check data, shards and teacher stores (computing the val store if needed); fetch ImageNet weights.
-    Runs once on the driver, before any trainer starts."""
+    Runs once on the driver, before any trainer starts. Returns the paths and the training split's labels
+    (read here anyway; the miner needs them)."""
     paths = resolve_paths(config)
     train_labels, val_labels = read_labels(paths)
     if paths.train_store is not None:
@@ -181,4 +182,4 @@ def prepare_inputs(config, num_feature_workers: int = 0) -> TrainingPaths:
         ensure_val_store(config, paths, store, val_labels.num_images, num_workers=num_feature_workers)
     if config.model.pretrained and has_imagenet_weights(config.model.arch):
         imagenet_state_dict(config.model.arch)  # once here, so workers find the weights in the hub cache
-    return paths
+    return paths, train_labels

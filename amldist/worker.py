@@ -37,6 +37,7 @@ from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
 from amldist.training.paths import TrainingPaths, prepare_inputs
+from amldist.training.plan import idle_share
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 from amldist.wandb_log import RunLog
 
@@ -207,6 +208,7 @@ def run_training(config: Config | dict, *, storage: str, name: str, callbacks: l
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (ray.init) first")
     paths, train_labels = prepare_inputs(config, num_feature_workers=0 if _single_node() else config.run.num_workers)
+    _warn_uneven_batch(config.run.batch_size, config.run.num_workers)
     run_dir = local_run_dir(config, storage, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     miner_name = f"amldist-miner-{uuid.uuid4().hex[:12]}"
@@ -230,6 +232,14 @@ def run_training(config: Config | dict, *, storage: str, name: str, callbacks: l
         return result
     finally:
         ray.kill(miner)
+
+
+def _warn_uneven_batch(batch_size: int, num_workers: int) -> None:
+    idle = idle_share(batch_size, num_workers)
+    if idle > 0:
+        log.warning("run.batch_size %d does not split evenly over %d workers: every step waits for the ranks "
+                    "with %d tuples, about %.0f%% of the workers' time idle; a multiple of %d keeps them all busy",
+                    batch_size, num_workers, -(-batch_size // num_workers), 100 * idle, num_workers)
 
 
 def _storage_path(storage: str) -> str:

@@ -13,6 +13,7 @@ from amldist.training.plan import (
     TupleSpec,
     draw_epoch_tuples,
     fill_positives,
+    idle_share,
     probe_anchors,
     rank_positions,
     rank_steps,
@@ -111,6 +112,20 @@ def test_rank_split_refuses_batches_smaller_than_the_world():
     with pytest.raises(UserError, match="batch_size"):
         rank_steps(20, 2, 0, 4)
     assert usable_tuple_count(21, 5, 2) == 20  # a last batch of one tuple cannot feed two ranks
+
+
+@pytest.mark.parametrize("batch,world", [(10, 2), (6, 2), (5, 2), (5, 4), (7, 3), (4, 1)])
+def test_idle_share_is_the_wait_for_the_fullest_rank(batch, world):
+    """The share matches the split rank_steps makes: the busiest rank sets every step's time."""
+    steps = [rank_steps(batch, batch, rank, world)[0] for rank in range(world)]
+    busiest = max(len(step) for step in steps)
+    expected = sum(busiest - len(step) for step in steps) / (world * busiest)
+    assert idle_share(batch, world) == pytest.approx(expected)
+    assert (idle_share(batch, world) == 0) == (batch % world == 0)
+
+
+def test_idle_share_of_the_old_tiny_batch():
+    assert idle_share(5, 2) == pytest.approx(1 / 6)
 
 
 def test_probe_anchors_are_fixed_queries():

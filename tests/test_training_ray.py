@@ -179,3 +179,15 @@ def test_the_one_process_trainer_runs_the_same_loop_without_ray(data_root, tmp_p
     before = untrained_scores(config)["val_map_asym"]
     assert max(e["val_map_asym"] for e in epochs) > before + 4.0
     assert script.main(["--config", str(tmp_path / "run.yaml"), "--set", "optim.lr=-1"]) == 2  # one-line error
+
+
+def test_a_batch_that_does_not_split_evenly_is_warned_about(caplog):
+    from amldist.worker import _warn_uneven_batch
+
+    with caplog.at_level("WARNING", logger="amldist.worker"):
+        _warn_uneven_batch(10, 2)
+        assert not caplog.records
+        _warn_uneven_batch(5, 2)
+    (record,) = caplog.records
+    assert "ranks with 3 tuples" in record.getMessage() and "17%" in record.getMessage()
+    assert "multiple of 2" in record.getMessage()

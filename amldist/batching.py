@@ -17,8 +17,9 @@ from torch import Tensor
 from amldist.errors import UserError
 
 
-def pad_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Zero-pad (bottom/right) images (3, h, w) to one (B, 3, H, W) batch; also return valid_hw (B, 2)."""
+def pad_batch(images: Sequence[Tensor], pin_memory: bool = False) -> tuple[Tensor, Tensor]:
+    """Zero-pad (bottom/right) images (3, h, w) to one (B, 3, H, W) batch; also return valid_hw (B, 2) on the
+    CPU. `pin_memory`: build the batch in pinned memory (CPU images bound for a GPU: an asynchronous copy)."""
     if len(images) == 0:
         raise UserError("cannot build a batch from no images")
     channels = {image.shape[0] if image.dim() == 3 else None for image in images}
@@ -26,7 +27,11 @@ def pad_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         raise UserError("every image of a batch must be a (C, h, w) tensor with the same C")
     height = max(image.shape[1] for image in images)
     width = max(image.shape[2] for image in images)
-    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)  # (B, C, H, W)
+    shape = (len(images), images[0].shape[0], height, width)  # (B, C, H, W)
+    if pin_memory:
+        batch = torch.zeros(shape, dtype=images[0].dtype, pin_memory=True)
+    else:
+        batch = images[0].new_zeros(shape)
     for slot, image in zip(batch, images):
         slot[:, : image.shape[1], : image.shape[2]] = image
     valid_hw = torch.tensor([tuple(image.shape[1:]) for image in images], dtype=torch.long)  # (B, 2)
@@ -72,6 +77,6 @@ def embed_in_buckets(model, images: Sequence[Tensor], max_batch: int, max_pad_fr
     rows: dict[int, Tensor] = {}
     for bucket in buckets:
         batch, valid_hw = pad_batch([images[i] for i in bucket])
-        descriptors = model(batch.to(device), valid_hw.to(device))  # (b, D)
+        descriptors = model(batch.to(device), valid_hw)  # (b, D); valid sizes stay on the host
         rows.update(zip(bucket, descriptors))
     return torch.stack([rows[i] for i in range(len(images))])

@@ -296,7 +296,7 @@ def _rescale(images: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
 def _forward(model, images: list[torch.Tensor]) -> torch.Tensor:
     """One padded batch through the network: list of (3, h, w) -> (B, D)."""
     batch, valid_hw = batching.pad_batch(images)
-    return model(batch, valid_hw.to(batch.device))
+    return model(batch, valid_hw)  # valid sizes stay on the host (amldist.transfer)
 
 
 def _progress_enabled() -> bool:

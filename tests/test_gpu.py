@@ -114,6 +114,28 @@ def test_padded_channels_last_step_on_the_gpu_matches_the_fp32_cpu_reference(asy
     assert min(cosines) > 0.98, cosines  # first-layer gradients deviate most (relative error about 0.1)
 
 
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_the_training_step_never_waits_for_the_gpu(asym):
+    """Forward, loss and backward of a padded bf16 step queue their work without one host-device
+    synchronisation (a blocking copy or a read of a GPU value would stall the host: amldist.transfer)."""
+    images, tuples = make_images(18), make_tuples()
+    spec = TupleSpec(LABELLED, asym=asym, num_positives=1, num_negatives=3, use_self=False, mining="hard")
+    loss_fn = build_loss("contrastive", margin=0.7)
+    device = torch.device("cuda")
+    settings = StepSettings.for_device(device, all_images=not asym, global_batch=len(tuples))
+    net = frozen_net().to(device, memory_format=torch.channels_last)
+    teacher = VectorTable(np.arange(18), torch.nn.functional.normalize(torch.randn(18, DIM, device=device), dim=1))
+    chosen = [images[int(i)] for i in student_image_ids(spec, tuples)]
+    loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, chosen, teacher, settings)  # traces the sizes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, chosen, teacher, settings)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(losses).all()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from amldist.errors import UserError
 from amldist.nets.backbones import OUTPUT_CHANNELS, backbone_layers, check_architecture, projection_layers
 from amldist.nets.meta import NetMeta
-from amldist.nets.padding import PaddedForward, valid_mask
+from amldist.nets.padding import PaddedForward, host_sizes, valid_mask
 from amldist.nets.pooling import POOLINGS, l2_normalize
 
 GEM_LR_MULTIPLIER = 10.0  # cirtorch trains GeM's p ten times faster, without weight decay
@@ -28,12 +30,14 @@ class RetrievalNet(nn.Module):
         self.meta = meta
         self._padded = PaddedForward()
 
-    def forward(self, x: Tensor, valid_hw: Tensor | None = None) -> Tensor:
-        """x: (B, 3, H, W); valid_hw: (B, 2) long, each image's (h, w) before zero-padding (bottom/right)."""
-        if valid_hw is None or bool((valid_hw == valid_hw.new_tensor(x.shape[-2:])).all()):
+    def forward(self, x: Tensor, valid_hw: Tensor | Sequence[Sequence[int]] | None = None) -> Tensor:
+        """x: (B, 3, H, W); valid_hw: each image's (h, w) before zero-padding (bottom/right), a (B, 2) CPU
+        tensor or B pairs of ints (kept on the host: a GPU forward never waits to read them)."""
+        sizes = None if valid_hw is None else host_sizes(valid_hw)
+        if sizes is None or all(size == tuple(x.shape[-2:]) for size in sizes):
             pooled = self.pool(self.features(x))  # (B, C)
         else:
-            with self._padded.masking(self.features, x, valid_hw) as out_hw:
+            with self._padded.masking(self.features, x, sizes) as out_hw:
                 fmap = self.features(x)  # (B, C, h, w)
             pooled = self.pool(fmap, valid_mask(out_hw, fmap.shape[-2], fmap.shape[-1]))
         descriptors = l2_normalize(pooled)  # (B, D)

@@ -13,7 +13,7 @@ embeddings up to float rounding, as long as BatchNorm uses running statistics (e
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from amldist.nets.pooling import masked_adaptive_avg, max_pool_padding_value
+from amldist.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,18 @@ def trace_sizes(features: nn.Module, layers: list[nn.Module], in_channels: int, 
     return [seen.get(id(layer)) for layer in layers], tuple(out.shape[-2:])
 
 
+def host_sizes(valid_hw: Tensor | Sequence[Sequence[int]]) -> list[Size]:
+    """Each image's valid (h, w) as Python ints, from a (B, 2) tensor or a sequence of pairs. Pass a CPU
+    tensor or a sequence: reading a GPU tensor here would wait for the GPU (amldist.transfer)."""
+    rows = valid_hw.tolist() if isinstance(valid_hw, Tensor) else valid_hw
+    return [(int(h), int(w)) for h, w in rows]
+
+
+def sizes_on(sizes: Sequence[Size], device: torch.device) -> Tensor:
+    """(B, 2) long tensor of host sizes on `device`, copied without stalling the host."""
+    return to_device(torch.tensor(sizes, dtype=torch.long).reshape(-1, 2), device)
+
+
 def valid_mask(valid_hw: Tensor, height: int, width: int) -> Tensor:
     """(B, 2) valid sizes -> (B, 1, H, W) bool, True inside each image's top-left valid region."""
     rows = torch.arange(height, device=valid_hw.device)[None, :] < valid_hw[:, :1]  # (B, H)
@@ -96,14 +109,15 @@ class PaddedForward:
         return self._cache[key]
 
     @contextmanager
-    def masking(self, features: nn.Module, x: Tensor, valid_hw: Tensor) -> Iterator[Tensor]:
-        """Install masking hooks for a forward of `x` (B, C, H, W); yields the output valid sizes (B, 2)."""
+    def masking(self, features: nn.Module, x: Tensor, sizes: Sequence[Size]) -> Iterator[Tensor]:
+        """Install masking hooks for a forward of `x` (B, C, H, W) whose images have the valid (h, w)
+        `sizes` (host ints); yields the output valid sizes (B, 2) on x's device."""
         layers = spatial_modules(features)
         if not self._warned and any(m.training for m in features.modules() if isinstance(m, _BATCHNORMS)):
             self._warned = True
             log.warning("padded batch through BatchNorm in training mode: batch statistics mix the padding "
                         "in; use eval() or freeze_batchnorm() for exact results")
-        per_image = [self.sizes(features, layers, x.shape[1], (int(h), int(w))) for h, w in valid_hw.tolist()]
+        per_image = [self.sizes(features, layers, x.shape[1], size) for size in sizes]
         layer_sizes = [[image_sizes[i] for image_sizes, _ in per_image] for i in range(len(layers))]
         masks: dict[tuple, Tensor] = {}
 
@@ -113,12 +127,12 @@ class PaddedForward:
                 return None
             key = (height, width, tuple(sizes))
             if key not in masks:
-                masks[key] = valid_mask(torch.tensor(sizes, device=x.device), height, width)
+                masks[key] = valid_mask(sizes_on(sizes, x.device), height, width)
             return masks[key]
 
         handles = [_install(layer, index, mask_for) for index, layer in enumerate(layers)]
         try:
-            yield torch.tensor([out_size for _, out_size in per_image], device=x.device)
+            yield sizes_on([out_size for _, out_size in per_image], x.device)
         finally:
             for handle in handles:
                 handle.remove()

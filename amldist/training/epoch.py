@@ -228,12 +228,12 @@ class Trainer:
             no_sync = getattr(self.model, "no_sync", None)
             with contextlib.nullcontext() if updates or no_sync is None else no_sync():
                 losses.append(loss_and_backward(self.model, self.loss_fn, self.spec, tuples, images, teacher,
-                                                self.settings).cpu())
+                                                self.settings))  # on the device: read once, after the epoch
             if updates:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 progress.global_step += 1
-        return torch.cat(losses).numpy() if losses else np.zeros(0, np.float32)
+        return torch.cat(losses).cpu().numpy() if losses else np.zeros(0, np.float32)
 
     # ------------------------------------------------------------ validation
 

@@ -30,14 +30,16 @@ from torch import Tensor, nn
 from amldist.batching import bucket_by_shape, pad_batch
 from amldist.losses import TupleBatch
 from amldist.training.plan import LABELLED, REGRESSION, RELATIONAL, TupleSpec
+from amldist.transfer import to_device
 
 # Sym buckets: an image must fill at least 75% of its padded batch (fewer, larger batches).
 SYM_MAX_PAD_FRAC = 0.25
 
 
 class TupleEmbedder(nn.Module):
-    """One forward for all image batches of a step: list of (images (B, 3, H, W), valid_hw (B, 2))
-    -> list of descriptors (B, D)."""
+    """One forward for all image batches of a step: list of (images (B, 3, H, W), valid sizes: B (h, w)
+    pairs of ints) -> list of descriptors (B, D). The sizes are plain ints so that DDP, which moves every
+    input tensor to the device, leaves them on the host."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -84,14 +86,14 @@ class VectorTable:
     def __init__(self, ids: np.ndarray, vectors: Tensor):
         order = np.argsort(ids, kind="stable")
         self.ids = np.asarray(ids, np.int64)[order]
-        self.vectors = vectors[torch.as_tensor(order, device=vectors.device)] if len(order) else vectors
+        self.vectors = vectors[to_device(torch.from_numpy(order), vectors.device)] if len(order) else vectors
 
     def rows(self, ids: np.ndarray) -> Tensor:
         ids = np.asarray(ids, np.int64)
         where = np.searchsorted(self.ids, ids.ravel())
         if ids.size and (where.max() >= len(self.ids) or not np.array_equal(self.ids[where], ids.ravel())):
             raise KeyError("an image id is missing from the vector table")
-        picked = self.vectors[torch.as_tensor(where, device=self.vectors.device)]
+        picked = self.vectors[to_device(torch.from_numpy(where), self.vectors.device)]
         return picked.reshape(*ids.shape, self.vectors.shape[-1])
 
 
@@ -142,26 +144,28 @@ class StepSettings:
         return self.world_size / (self.global_batch if self.reduction == "mean" else 1)
 
 
-def image_batches(images: Sequence[Tensor], one_batch: bool, max_pad_frac: float) -> list[tuple[list[int], Tensor, Tensor]]:
+def image_batches(images: Sequence[Tensor], one_batch: bool, max_pad_frac: float, pin_memory: bool = False
+                  ) -> list[tuple[list[int], Tensor, Tensor]]:
     """(positions, padded images (B, 3, H, W), valid_hw (B, 2)) per batch: one batch, or shape buckets."""
     if one_batch:
         groups = [list(range(len(images)))]
     else:
         shapes = [tuple(image.shape[1:]) for image in images]
         groups = bucket_by_shape(shapes, max_batch=len(images), max_pad_frac=max_pad_frac)
-    return [(group, *pad_batch([images[i] for i in group])) for group in groups]
+    return [(group, *pad_batch([images[i] for i in group], pin_memory=pin_memory)) for group in groups]
 
 
 def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarray, settings: StepSettings,
                    one_batch: bool) -> VectorTable:
     """Student descriptors (U, D) of the step's images, with gradients, as a table by image id."""
-    batches = image_batches(images, one_batch, settings.max_pad_frac)
+    pin = settings.device.type == "cuda" and not any(image.is_cuda for image in images)
+    batches = image_batches(images, one_batch, settings.max_pad_frac, pin_memory=pin)
     inputs = []
     for _, pixels, valid_hw in batches:
-        pixels = pixels.to(settings.device, non_blocking=True)
+        pixels = pixels.to(settings.device, non_blocking=True)  # from pinned memory on a GPU: asynchronous
         if settings.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        inputs.append((pixels, valid_hw.to(settings.device)))
+        inputs.append((pixels, tuple(map(tuple, valid_hw.tolist()))))  # sizes stay on the host
     with torch.autocast(settings.device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
         outputs = embedder(inputs)
     order = np.concatenate([positions for positions, _, _ in batches])

@@ -3,7 +3,8 @@
 Every `amldist train` (and every demo stage, and every Tune trial) pays this before its first epoch and
 after its last, whatever the run's size. The imports are timed in fresh interpreters (a Ray Train
 worker is one); the fit runs `TorchTrainer` with a train function that only imports `amldist.worker`,
-as our workers do, so its time is Ray Train's own start and stop plus that import.
+as our workers do, so its time is Ray Train's own start and stop plus that import; the train function's
+start and end times split it into the time until it starts, the import, and the time after it.
 
     python benchmarks/bench_ray_overhead.py [--quick] [--num-workers N] [--fits K]
 
@@ -30,20 +31,26 @@ def import_seconds(module: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def noop_loop(_config: dict) -> None:
+def noop_loop(_config: dict) -> dict[str, float]:
+    entered = time.time()  # wall clock: the driver compares it with its own (one machine)
     import amldist.worker  # noqa: F401  (what every training worker imports first)
+    return {"entered": entered, "left": time.time()}
 
 
-def fit_seconds(num_workers: int, storage: str, index: int) -> float:
+def fit_phases(num_workers: int, storage: str, index: int) -> dict[str, float]:
+    """Seconds of one no-op fit: in all, until rank 0's train function starts (controller, worker group,
+    process group), inside it (the import), and after it returns until `fit` does."""
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(noop_loop, scaling_config=ScalingConfig(num_workers=num_workers),
                            run_config=RunConfig(name=f"noop-{index}", storage_path=storage,
                                                 logging_config=LoggingConfig(log_level="WARNING")))
-    started = time.perf_counter()
-    trainer.fit()
-    return time.perf_counter() - started
+    started = time.time()
+    marks = trainer.fit().return_value
+    ended = time.time()
+    return {"fit_s": ended - started, "to_train_fn_s": marks["entered"] - started,
+            "import_in_worker_s": marks["left"] - marks["entered"], "after_train_fn_s": ended - marks["left"]}
 
 
 def main() -> None:
@@ -62,12 +69,18 @@ def main() -> None:
     start_ray(True)
     init_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as storage:
-        fit_s = [fit_seconds(args.num_workers, storage, index) for index in range(fits)]
-    results = {"num_workers": args.num_workers, "import_s": imports, "ray_init_s": init_s, "noop_fit_s": fit_s}
+        phases = [fit_phases(args.num_workers, storage, index) for index in range(fits)]
+    fit_s = [phase["fit_s"] for phase in phases]
+    results = {"num_workers": args.num_workers, "import_s": imports, "ray_init_s": init_s, "noop_fit_s": fit_s,
+               "noop_fit_phases": phases}
     for module, seconds in imports.items():
         print(f"import {module:<28} {seconds:6.1f} s")
     print(f"ray.init (local)                   {init_s:6.1f} s")
     print(f"no-op TorchTrainer.fit, {args.num_workers} workers   " + ", ".join(f"{s:.1f}" for s in fit_s) + " s")
+    for name, label in (("to_train_fn_s", "  until the train function starts"),
+                        ("import_in_worker_s", "  import amldist.worker in it"),
+                        ("after_train_fn_s", "  after it returns")):
+        print(f"{label:<35}" + ", ".join(f"{phase[name]:.1f}" for phase in phases) + " s")
     atomic_write_json(OUT, results)
     print(f"wrote {OUT}")
 

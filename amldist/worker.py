@@ -37,7 +37,7 @@ from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
 from amldist.training.paths import TrainingPaths, prepare_inputs
-from amldist.training.plan import idle_share
+from amldist.training.plan import busiest_rank_tuples, idle_share
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 from amldist.wandb_log import RunLog
 
@@ -239,7 +239,7 @@ def _warn_uneven_batch(batch_size: int, num_workers: int) -> None:
     if idle > 0:
         log.warning("run.batch_size %d does not split evenly over %d workers: every step waits for the ranks "
                     "with %d tuples, about %.0f%% of the workers' time idle; a multiple of %d keeps them all busy",
-                    batch_size, num_workers, -(-batch_size // num_workers), 100 * idle, num_workers)
+                    batch_size, num_workers, busiest_rank_tuples(batch_size, num_workers), 100 * idle, num_workers)
 
 
 def _storage_path(storage: str) -> str:

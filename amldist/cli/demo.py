@@ -1,6 +1,6 @@
 """`amldist demo`: the end-to-end demo on synthetic landmarks, on this machine (no cluster, GPU or network).
 
-    amldist demo                          # = --preset tiny: 6 to 18 minutes on 2 CPU cores (README, "Demo")
+    amldist demo                          # = --preset tiny: 6 to 16 minutes on 2 CPU cores (README, "Demo")
     amldist demo --preset small           # bigger data, more epochs
     amldist demo --force teacher          # retrain the teacher (and what depends on it)
     amldist demo --set run.epochs=4       # scale every training run

@@ -158,12 +158,16 @@ def usable_tuple_count(num_tuples: int, batch_size: int, world_size: int) -> int
     return usable
 
 
+def busiest_rank_tuples(batch_size: int, world_size: int) -> int:
+    """Tuples of the fullest rank in a step of `rank_steps`' split: ceil(batch / W)."""
+    return -(-batch_size // world_size)
+
+
 def idle_share(batch_size: int, world_size: int) -> float:
     """Share of the workers' step time spent waiting when `batch_size` tuples do not split evenly over
-    `world_size` ranks: every DDP step waits for the ranks holding ceil(batch / W) tuples (batch 5 on 2
-    workers: 3 and 2 tuples, one sixth of the time idle)."""
-    largest = -(-batch_size // world_size)
-    return 1.0 - batch_size / (world_size * largest)
+    `world_size` ranks: every DDP step waits for the busiest ranks (batch 5 on 2 workers: 3 and 2
+    tuples, one sixth of the time idle)."""
+    return 1.0 - batch_size / (world_size * busiest_rank_tuples(batch_size, world_size))
 
 
 def rank_steps(num_tuples: int, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from amldist.batching import bucket_by_shape, pad_batch
 from amldist.losses import TupleBatch
+from amldist.nets.padding import host_sizes
 from amldist.training.plan import LABELLED, REGRESSION, RELATIONAL, TupleSpec
 from amldist.transfer import to_device
 
@@ -165,7 +166,7 @@ def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarra
         pixels = pixels.to(settings.device, non_blocking=True)  # from pinned memory on a GPU: asynchronous
         if settings.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        inputs.append((pixels, tuple(map(tuple, valid_hw.tolist()))))  # sizes stay on the host
+        inputs.append((pixels, host_sizes(valid_hw)))  # host ints: DDP moves tensors, not these
     with torch.autocast(settings.device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
         outputs = embedder(inputs)
     order = np.concatenate([positions for positions, _, _ in batches])

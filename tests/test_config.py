@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from amldist import flops
 from amldist.config import (
     AML_FLAGS,
     AML_MODES,
@@ -111,7 +112,7 @@ def test_tiny_presets_are_small_and_cpu_friendly():
     assert teacher.model.teacher is None and not teacher.loss.asym and not teacher.model.pretrained
     for name in ("tiny-student-contrplus-asym", "tiny-student-reg-asym", "tiny-student-contr-sym"):
         config = load_preset(name)
-        assert config.model.arch == "small_cnn" and not config.model.pretrained
+        assert config.model.arch == "mini_cnn" and not config.model.pretrained
         assert config.model.freeze_batchnorm is False  # from scratch: BatchNorm trains
         assert 128 <= config.data.image_size <= 160 and config.run.epochs <= 30
         assert config.mining.pool_size <= 1000 and config.mining.queries_per_epoch <= 200
@@ -120,6 +121,16 @@ def test_tiny_presets_are_small_and_cpu_friendly():
             assert config.model.teacher.endswith(".pth.tar")
             assert config.model.projection_dim == OUTPUT_CHANNELS[teacher.model.arch]
             assert Path(config.model.teacher).parent.name == teacher.run.name
+
+
+def test_the_tiny_students_are_smaller_than_their_teacher():
+    # The demo transfers from a large network to a small one, as the paper does (at a smaller ratio).
+    teacher = load_preset("tiny-teacher-contr-sym").model
+    for name in ("tiny-student-contrplus-asym", "tiny-student-reg-asym", "tiny-student-contr-sym"):
+        student = load_preset(name).model
+        big = flops.complexity(teacher.arch, teacher.projection_dim, image_size=128)
+        small = flops.complexity(student.arch, student.projection_dim, image_size=128)
+        assert small.flops < big.flops / 2 and small.params < big.params / 2
 
 
 def test_batchnorm_is_frozen_for_pretrained_networks_unless_set():

@@ -1,6 +1,6 @@
 """`amldist demo`: the end-to-end demo on synthetic landmarks, on this machine (no cluster, GPU or network).
 
-    amldist demo                          # = --preset tiny: 6 to 16 minutes on 2 CPU cores (README, "Demo")
+    amldist demo                          # = --preset tiny: about 8 minutes on 2 CPU cores (README, "Demo")
     amldist demo --preset small           # bigger data, more epochs
     amldist demo --force teacher          # retrain the teacher (and what depends on it)
     amldist demo --set run.epochs=4       # scale every training run
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
     parser = add_command(subparsers, "demo", "run the end-to-end demo on synthetic data and write a report", run)
     parser.add_argument("--preset", default="tiny", choices=DEMO_PRESETS,
-                        help="demo size: tiny (default; 6 to 16 min on 2 cores, README \"Demo\"), small (longer); micro is for tests")
+                        help="demo size: tiny (default; about 8 min on 2 cores, README \"Demo\"), small (longer); micro is for tests")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help=f"redo a stage even if its output exists (repeatable): {', '.join(STAGES)}, or "
                              f"{' / '.join(FORCE_GROUPS)}")

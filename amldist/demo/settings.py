@@ -23,11 +23,11 @@ class RunSpec:
     description: str
 
 
-TEACHER_RUN = RunSpec("teacher", "tiny-teacher-contr-sym", "teacher: wide_cnn, Contr (4), hard mining, sym")
+TEACHER_RUN = RunSpec("teacher", "tiny-teacher-contr-sym", "teacher: small_cnn, Contr (4), hard mining, sym")
 STUDENT_RUNS = (
-    RunSpec("contrplus", "tiny-student-contrplus-asym", "student: small_cnn, Contr+ (10), hard mining, asym"),
-    RunSpec("reg", "tiny-student-reg-asym", "student: small_cnn, Reg (7), no mining, asym"),
-    RunSpec("baseline", "tiny-student-contr-sym", "student alone: small_cnn, Contr (4), hard mining, sym (baseline)"),
+    RunSpec("contrplus", "tiny-student-contrplus-asym", "student: mini_cnn, Contr+ (10), hard mining, asym"),
+    RunSpec("reg", "tiny-student-reg-asym", "student: mini_cnn, Reg (7), no mining, asym"),
+    RunSpec("baseline", "tiny-student-contr-sym", "student alone: mini_cnn, Contr (4), hard mining, sym (baseline)"),
 )
 
 

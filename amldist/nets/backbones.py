@@ -4,7 +4,8 @@ The module order fixes the parameter names, so networks saved by cirtorch/aml lo
 - vgg16: torchvision `features` without the last max-pool (ends in ReLU)     -> features.0 ... features.29
 - resnet18/50/101: torchvision children without avgpool and fc                -> features.0 ... features.7
 - mobilenet_v2, efficientnet_b3: torchvision `features` as one block          -> features.0.*
-- small_cnn / wide_cnn: four conv-BN-ReLU layers, widths up to 128 / 256      -> features.0 ... features.11
+- mini_cnn / small_cnn / wide_cnn: four conv-BN-ReLU layers, widths up to 128 / 128 / 256
+                                                                              -> features.0 ... features.11
   (tests and the CPU demo: unlike the ImageNet networks, they learn from scratch in CPU-minutes)
 A student's 1x1 projection (no bias) and its ReLU follow the backbone inside `features`, as in aml
 (`features.1.weight` for mobilenet_v2).
@@ -34,11 +35,12 @@ OUTPUT_CHANNELS = {
     "resnet101": 2048,
     "mobilenet_v2": 1280,
     "efficientnet_b3": 1536,
+    "mini_cnn": 128,
     "small_cnn": 128,
     "wide_cnn": 256,
 }
 # Plain conv-BN-ReLU stacks that learn from scratch in CPU-minutes (the CPU demo's teacher and student).
-_PLAIN_CNN_WIDTHS = {"small_cnn": (32, 64, 128, 128), "wide_cnn": (64, 128, 256, 256)}
+_PLAIN_CNN_WIDTHS = {"mini_cnn": (16, 32, 64, 128), "small_cnn": (32, 64, 128, 128), "wide_cnn": (64, 128, 256, 256)}
 ARCHITECTURES = tuple(OUTPUT_CHANNELS)
 TEACHERS = ("vgg16", "resnet101")
 STUDENTS = ("mobilenet_v2", "efficientnet_b3")

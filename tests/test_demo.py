@@ -255,6 +255,7 @@ def test_every_demo_size_gives_valid_configs_for_all_runs(size):
         _, config = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else [])
         assert config.data.image_size == settings.train_image_size
         assert config.run.name.startswith(f"{size}-") and config.run.num_workers == settings.num_workers
+        assert f": {config.model.arch}," in run.description  # the report's run table names the preset's network
     assert settings.test_image_size >= settings.train_image_size
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from amldist.cli.main import build_parser, main
-from amldist.cli.train import check_resume, config_of
+from amldist.cli.train import check_resume, check_storage, config_of
 from amldist.datasets import formats
 from amldist.errors import UserError
 from amldist.nets import create_net
@@ -74,3 +74,15 @@ def test_resume_guards(tmp_path):
     with pytest.raises(UserError, match="start a new run from .*elsewhere"):
         check_resume(str(storage), "half", str(source), 3)
     assert check_resume(str(storage), "new", str(source), 3) == str(source / CHECKPOINT_FILE)
+
+
+def test_a_storage_uri_ray_cannot_open_is_one_line_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    config = write_config(tmp_path)
+    assert main(["train", "--config", str(config), "--local", "--storage", "ftp://host/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--storage ftp://host/runs: not a storage Ray Train can open" in err
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+    check_storage("mock://bucket/runs")  # filesystems pyarrow knows pass; local folders are Ray's to make
+    check_storage(str(tmp_path / "not-yet"))

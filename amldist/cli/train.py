@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_of(args)
     storage = args.storage or config.run.out_dir
     name = config.run.name
+    check_storage(storage)
     resume_from = check_resume(storage, name, args.resume, config.run.epochs)
     wandb_mode = resolve_mode(args.wandb, config.run.wandb)
     resolve_paths(config)  # missing data, shards or teacher features: say so before starting Ray
@@ -104,6 +105,21 @@ def start_ray(local: bool) -> None:
         ray.init(address="auto", **quiet)
     except ConnectionError:
         raise UserError("no running Ray cluster to join; start one (`ray start --head`) or pass --local") from None
+
+
+def check_storage(storage: str) -> None:
+    """A storage URI must name a filesystem Ray Train can open (it resolves it with pyarrow, as here):
+    one line now instead of a pyarrow traceback after Ray has started. Local folders are left to Ray."""
+    if "://" not in str(storage):
+        return
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(str(storage))
+    except (pyarrow.ArrowException, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--storage {storage}: not a storage Ray Train can open ({reason})") from None
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

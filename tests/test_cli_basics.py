@@ -28,3 +28,33 @@ def test_console_script_runs_as_module():
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     assert proc.stdout.startswith("amldist ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "download", "roxford5k", "--root", "{tmp}", "--timeout", "inf"],
+    ["data", "download", "roxford5k", "--root", "{tmp}", "--timeout", "nan"],
+    ["data", "synth", "--root", "{tmp}/s", "--preset", "tiny", "--seed", "-1"],
+    ["train", "--config", "tiny-student-contrplus-asym", "--max-failures", "-5"],
+    ["train", "--config", "tiny-student-contrplus-asym", "--image-every", "-3"],
+])
+def test_out_of_range_flags_are_one_line_exit_2(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([arg.format(tmp=tmp_path) for arg in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be" in err
+
+
+def test_a_malformed_base_url_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["data", "download", "roxford5k", "--root", str(tmp_path), "--base-url", "http://[::1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--base-url must look like" in err
+
+
+def test_an_operating_system_error_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/ro/out")
+
+    monkeypatch.setattr("amldist.cli.data_synth.generate", read_only)
+    assert main(["data", "synth", "--root", str(tmp_path / "s"), "--preset", "tiny"]) == 2
+    assert capsys.readouterr().err == "amldist: error: /ro/out: Permission denied\n"

@@ -1,7 +1,9 @@
 """Entry point of the `amldist` console script.
 
 Every command module under amldist.cli exposes `register(subparsers)`. User mistakes surface as
-UserError (or argparse errors) and become one line on stderr with exit code 2, never a traceback.
+UserError (or argparse errors) and become one line on stderr with exit code 2, never a traceback. So do
+operating-system errors (an output on a read-only disk, a folder where a file should go): they are the
+user's paths, named in the line; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -36,21 +38,32 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not hasattr(args, "handler"):
-        parser.print_help(sys.stderr)
-        return 2
     try:
+        parser = build_parser()  # imports torch: Ctrl-C here is as likely as anywhere
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if not hasattr(args, "handler"):
+            parser.print_help(sys.stderr)
+            return 2
         return int(args.handler(args) or 0)
     except UserError as err:
         sys.stderr.write(f"amldist: error: {err}\n")
         return 2
+    except OSError as err:
+        logging.getLogger(__name__).debug("operating-system error", exc_info=True)
+        sys.stderr.write(f"amldist: error: {describe_os_error(err)}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("amldist: interrupted\n")
         return 130
+
+
+def describe_os_error(err: OSError) -> str:
+    """'PATH: reason' for an OSError about a path (one line), else its text's first line."""
+    reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    paths = [str(name) for name in (err.filename, err.filename2) if name is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 def run() -> None:

@@ -73,8 +73,12 @@ def dataset_urls(name: str, legacy: bool = False) -> tuple[str, ...]:
 
 
 def check_base_url(base: str) -> str:
-    parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - parses the port: 'host:x' and '[::1' fail here, not at the first request
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise UserError(f"--base-url must look like http://host[:port][/prefix], got {base!r}")
     return base.rstrip("/")
 

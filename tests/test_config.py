@@ -363,3 +363,21 @@ def test_presets_readme_lists_every_preset_as_it_is():
         assert lr.split() == [config.optim.optimizer, f"{config.optim.lr:g}"], name
         assert margin == ("–" if config.loss.margin is None else f"{config.loss.margin:g}"), name
         assert int(dim) == (config.model.projection_dim or OUTPUT_CHANNELS[arch]), name
+
+
+def test_typos_in_values_and_sections_are_refused_not_defaulted(tmp_path):
+    with pytest.raises(UserError, match=r"--set run.epochs=: no value; give one, or run.epochs=null"):
+        parse(["--set", "run.epochs="])  # would read as null: 300 epochs instead of an error
+    for bad in ("0", "''", "[]", "false"):  # a section that is not a mapping is a mistake, not an empty one
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"mining: {bad}\n")
+        with pytest.raises(UserError, match="mining: expected a mapping of fields"):
+            parse(["--preset", str(path)])
+    path.write_text("mining:\nrun:\n  epochs: 3\n")  # an empty section (YAML null) is fine
+    assert parse(["--preset", str(path)]).run.epochs == 3
+    path.write_bytes(b"run:\n  name: \xff\xfe\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        parse(["--preset", str(path)])
+    for name in ("..", "../escape", "a/b", "."):  # the run folder is <storage>/<name>
+        with pytest.raises(UserError, match="run.name: must be a plain folder name"):
+            parse(["--set", f"run.name={name}"])

@@ -145,6 +145,8 @@ def parse_set(text: str) -> tuple[str, Any]:
         raise UserError(f"--set: expected KEY=VALUE, got {text!r}")
     key = key.strip()
     split_key(key)
+    if not value.strip():  # `--set run.epochs=` would read as null, i.e. the default: a typo, not a wish
+        raise UserError(f"--set {key}=: no value; give one, or {key}=null for the default")
     return key, parse_scalar(value)
 
 

@@ -44,9 +44,11 @@ def preset_dict(name_or_path: str) -> dict[str, Any]:
     """The raw (unresolved) nested dict of a preset; run.name defaults to the preset's file name."""
     path = preset_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise UserError(f"--preset: {path} is not valid YAML ({err.__class__.__name__})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--preset: {path} is not UTF-8 text") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -195,6 +195,9 @@ def _validate_run(config: Config) -> None:
     run = config.run
     if not run.name or not run.out_dir:
         raise UserError("run.name: must not be empty" if not run.name else "run.out_dir: must not be empty")
+    if run.name in (".", "..") or any(sep in run.name for sep in "/\\"):
+        # the run folder is <storage>/<name>: a path here would put the run outside the storage
+        raise UserError(f"run.name: must be a plain folder name, got {run.name!r}")
     for key in ("epochs", "batch_size", "num_workers"):
         _at_least(f"run.{key}", getattr(run, key), 1)
     for key in ("val_freq", "save_freq", "seed"):

@@ -143,7 +143,8 @@ def build_config(data: Mapping[str, Any]) -> Config:
         if key not in SECTIONS and key not in TOP_LEVEL_FIELDS:
             raise UserError(f"unknown config section {key!r}; sections are {', '.join(SECTIONS)}")
     for section, cls in SECTIONS.items():
-        sections[section] = _build_section(section, cls, data.get(section) or {})
+        values = data.get(section)  # `mining:` with nothing under it is YAML's null: an empty section
+        sections[section] = _build_section(section, cls, {} if values is None else values)
     top = {name: coerce(name, data[name], str) for name in TOP_LEVEL_FIELDS if name in data}
     return Config(**top, **sections)
 

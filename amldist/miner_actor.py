@@ -126,8 +126,13 @@ class Miner:
     def _restore_state(self) -> bool:
         if self.state_path is None or not self.state_path.is_file():
             return False
-        state = json.loads(self.state_path.read_text())
-        self._start_epoch(state["epoch"], state["seed"])
+        try:  # written atomically by new_epoch; anything else came from outside: start as a fresh miner
+            state = json.loads(self.state_path.read_text())
+            self._start_epoch(state["epoch"], state["seed"])
+        except (ValueError, TypeError, KeyError) as err:
+            log.warning("miner state %s is damaged (%s); ignoring it: the next epoch draws its pool anew",
+                        self.state_path, err)
+            return False
         log.info("miner restored epoch %d (seed %d) from %s", self.epoch, self.seed, self.state_path)
         return True
 

@@ -113,6 +113,12 @@ def test_plain_miner_restores_its_epoch_from_state_dir(case, tmp_path):
     reborn = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
     assert reborn.restored and reborn.epoch == 5
     np.testing.assert_array_equal(reborn.current_pool(), pool_ids)
+    state_file = next(tmp_path.iterdir())
+    for damaged in ("{not json", '{"epoch": 5}', '{"epoch": "x", "seed": 2}', "[]"):
+        state_file.write_text(damaged)  # a miner state not written by the miner: start fresh, do not crash
+        fresh = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
+        assert not fresh.restored
+        assert np.array_equal(fresh.new_epoch(5, seed=2), pool_ids)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
 """`amldist train` without Ray: flags onto config keys, one-line errors naming the command that creates a
 missing input, and the guards against silently continuing or clobbering a run."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from amldist.cli.main import build_parser, main
@@ -10,7 +13,7 @@ from amldist.cli.train import check_resume, check_storage, config_of
 from amldist.datasets import formats
 from amldist.errors import UserError
 from amldist.nets import create_net
-from amldist.training.state import CHECKPOINT_FILE, Progress, save_training_state
+from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 
 
 def write_config(tmp_path, **data):
@@ -86,3 +89,43 @@ def test_a_storage_uri_ray_cannot_open_is_one_line_before_ray_starts(tmp_path, c
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
     check_storage("mock://bucket/runs")  # filesystems pyarrow knows pass; local folders are Ray's to make
     check_storage(str(tmp_path / "not-yet"))
+
+
+def test_a_run_folder_with_files_but_no_checkpoint_is_not_overwritten(tmp_path):
+    kept = tmp_path / "runs" / "kept"
+    kept.mkdir(parents=True)
+    (kept / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (kept / BEST_FILE).write_bytes(b"best")
+    with pytest.raises(UserError, match=r"holds files of a run named 'kept' but no checkpoint .*metrics.jsonl"):
+        check_resume(str(tmp_path / "runs"), "kept", None, 3)
+    (tmp_path / "runs" / "empty").mkdir()
+    assert check_resume(str(tmp_path / "runs"), "empty", None, 3) is None  # an empty folder holds nothing
+
+
+def test_a_relative_resume_path_reaches_the_workers_as_an_absolute_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_run(Path("elsewhere"), 1)
+    given = check_resume("runs", "new", "elsewhere/checkpoint_epoch0001", 3)
+    assert given == str(tmp_path / "elsewhere" / "checkpoint_epoch0001" / CHECKPOINT_FILE)
+
+
+def test_a_damaged_epoch_count_is_one_line(tmp_path):
+    source = fake_run(tmp_path / "old", 1)
+    state = torch.load(source / CHECKPOINT_FILE, weights_only=True)
+    state["epoch"] = "abc"
+    torch.save(state, source / CHECKPOINT_FILE)
+    with pytest.raises(UserError, match="damaged training checkpoint"):
+        check_resume(str(tmp_path / "runs"), "new", str(source), 3)
+
+
+def test_errors_raised_inside_ray_become_one_line(tmp_path, monkeypatch, capsys):
+    from ray.train.v2.api.exceptions import RayTrainError
+
+    def failing(*args, **kwargs):
+        raise RayTrainError("Traceback (most recent call last):\n  File x\nValueError: the miner fell over")
+
+    monkeypatch.setattr("amldist.cli.train.start_ray", lambda local: None)
+    monkeypatch.setattr("amldist.training.paths.resolve_paths", lambda config: None)
+    monkeypatch.setattr("amldist.worker.run_training", failing)
+    assert main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == "amldist: error: training failed: ValueError: the miner fell over\n"

@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from amldist.cli.common import add_command, positive_int, require
+from amldist.cli.common import add_command, non_negative_int, positive_int, require
 from amldist.config import add_config_arguments, config_from_args, with_overrides
 from amldist.errors import UserError
 
@@ -42,14 +42,21 @@ def register(subparsers) -> None:
     ray_group.add_argument("--name", default=None, help="run name (run.name; default the preset's name)")
     ray_group.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                            help="continue the run of this name, or start from checkpoint PATH")
-    ray_group.add_argument("--max-failures", type=int, default=2, help="worker-group restarts after a failure")
+    ray_group.add_argument("--max-failures", type=restarts, default=2,
+                           help="worker-group restarts after a failure (-1: no limit)")
     log_group = parser.add_argument_group("logging")
     log_group.add_argument("--wandb", choices=("off", "offline", "online", "auto"), default=None,
                            help="Weights & Biases mode (default: auto if run.wandb, else off; auto = online "
                                 "with WANDB_API_KEY, else offline)")
-    log_group.add_argument("--image-every", type=int, default=5,
+    log_group.add_argument("--image-every", type=non_negative_int, default=5,
                            help="epochs between records of a few anchors' mined negatives "
                                 "(negatives.jsonl, wandb grid; 0: none)")
+
+
+def restarts(text: str) -> int:
+    """argparse type of --max-failures: a count, or -1 for Ray's "restart without limit"."""
+    value = -1 if text.strip() == "-1" else non_negative_int(text)
+    return value
 
 
 def config_of(args: argparse.Namespace):
@@ -72,13 +79,16 @@ def run(args: argparse.Namespace) -> int:
     resolve_paths(config)  # missing data, shards or teacher features: say so before starting Ray
     start_ray(args.local)
     import ray
+    from ray.train.v2.api.exceptions import RayTrainError
 
     from amldist.worker import local_run_dir, run_training
 
     try:
         result = run_training(config, storage=storage, name=name, wandb=wandb_mode, resume_from=resume_from,
                               max_failures=args.max_failures, image_every=args.image_every)
-    except ray.train.TrainingFailedError as err:
+    except (ray.exceptions.RayError, RayTrainError) as err:  # TrainingFailedError is a RayTrainError
+        # a worker's or the miner's error, or Ray Train refusing the run folder: the first cause, one line
+        # (Ray has already logged the remote tracebacks)
         raise UserError(f"training failed: {_first_cause(err)}") from None
     finally:
         ray.shutdown()
@@ -134,13 +144,17 @@ def check_resume(storage: str, name: str, resume: str | None, epochs: int) -> st
     """Refuse to silently continue (or clobber) a run; returns the explicit checkpoint file to start from."""
     from amldist.training.state import checkpoint_file, load_epochs_done
 
-    if "://" in str(storage):
-        return None if not resume else str(checkpoint_file(resume))  # Ray checks a remote run itself
+    if "://" in str(storage):  # Ray checks a remote run itself
+        return None if not resume else str(checkpoint_file(resume).resolve())
     run_dir = Path(storage).expanduser() / name
     existing = checkpoint_dirs(run_dir)
     if resume is None:
         require(not existing, f"{run_dir} already holds checkpoints of a run named {name!r}; pass --resume to "
                               "continue it, or --name to start a new run")
+        leftovers = sorted(entry.name for entry in run_dir.iterdir()) if run_dir.is_dir() else []
+        require(not leftovers, f"{run_dir} already holds files of a run named {name!r} but no checkpoint to "
+                               f"resume ({', '.join(leftovers[:4])}{', ...' if len(leftovers) > 4 else ''}); "
+                               "pass --name to start a new run, or move that folder away")
         return None
     if resume == "":
         require(bool(existing), f"nothing to resume: no checkpoints in {run_dir}")
@@ -152,7 +166,7 @@ def check_resume(storage: str, name: str, resume: str | None, epochs: int) -> st
     done = load_epochs_done(checkpoint_file(last))
     require(done < epochs, f"the checkpoint {last} has finished {done} epochs and --epochs asks for {epochs}; "
                            f"pass --epochs above {done} to train longer")
-    return None if resume == "" else str(last)
+    return None if resume == "" else str(Path(last).resolve())  # the workers run in other folders
 
 
 def print_summary(result, run_dir: Path, wandb_mode: str) -> None:

@@ -87,4 +87,7 @@ def load_epochs_done(path: str | Path) -> int:
     state = safe_torch_load(path, map_location="cpu")
     if not isinstance(state, dict) or "epoch" not in state:
         raise UserError(f"{path}: not an amldist training checkpoint")
-    return int(state["epoch"])
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise UserError(f"{path}: damaged training checkpoint (epoch is {epoch!r}, not a count)")
+    return epoch

@@ -47,7 +47,8 @@ _NUMPY_GLOBALS = [
 
 
 # A damaged file can fail anywhere inside torch.load: zip directory, unpickler opcodes, storage records.
-_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, ValueError, struct.error, KeyError, IndexError, TypeError,
+# (whiten.load_whitening reads its cache files with the same net.)
+DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, ValueError, struct.error, KeyError, IndexError, TypeError,
                         AttributeError, zipfile.BadZipFile, OSError)
 
 
@@ -65,7 +66,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             raise UserError(f"{path}: refusing to load, the file holds pickled objects other than tensors, "
                             f"numbers, strings and numpy arrays ({refused})") from None
         raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
-    except _DAMAGED_FILE_ERRORS as err:
+    except DAMAGED_FILE_ERRORS as err:
         raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
 
 
@@ -139,10 +140,15 @@ def network_from_state(state: Any, source: str) -> RetrievalNet:
         raise UserError(f"{source}: not a network file (expected a dict with 'state_dict' and 'meta')")
     weights = state["state_dict"]
     meta_dict = state["meta"]
+    if not isinstance(weights, dict):
+        raise UserError(f"damaged network file {source}: 'state_dict' is a {type(weights).__name__}, not a dict")
     architecture = str(meta_dict.get("architecture", "")) if isinstance(meta_dict, dict) else ""
     check_architecture(architecture)
     _refuse_timm_layout(architecture, weights, source)
-    meta = NetMeta.from_dict(meta_dict, projection_dim=_stored_projection_dim(architecture, weights))
+    try:
+        meta = NetMeta.from_dict(meta_dict, projection_dim=_stored_projection_dim(architecture, weights))
+    except UserError as err:
+        raise UserError(f"damaged network file {source}: {err}") from None
     with torch.device("meta"):  # build without allocating; load_state_dict(assign=True) brings the weights
         net = build_net(meta, pretrained=False)
     _load_weights(net, weights, source)

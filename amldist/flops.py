@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from amldist.errors import UserError
 from amldist.nets import create_net
 
 _aten = torch.ops.aten
@@ -66,7 +67,13 @@ def complexity(architecture: str, projection_dim: int | None = None, image_size:
         net = create_net(architecture, pooling=pooling, projection_dim=projection_dim, pretrained=False).eval()
     image = torch.empty(1, 3, image_size, image_size, device="meta")
     with FlopCounterMode(display=False, custom_mapping=_ELEMENTWISE_FLOPS if elementwise else None) as counter, torch.no_grad():
-        net.features(image)
+        try:
+            net.features(image)
+        except RuntimeError as err:  # pooling shrank the feature map to nothing (VGG16 needs >= 16 px)
+            if "too small" not in str(err):
+                raise
+            raise UserError(f"image size {image_size} is too small for {architecture}: its feature map "
+                            f"shrinks to nothing; use a larger --image-size") from None
     return Complexity(params=sum(p.numel() for p in net.parameters()), flops=counter.get_total_flops())
 
 

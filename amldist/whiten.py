@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from amldist.atomic import atomic_path
+from amldist.checkpoints import DAMAGED_FILE_ERRORS
 from amldist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -124,17 +125,20 @@ def apply_whitening(X: np.ndarray, w: Whitening, dims: int | None = None) -> np.
     return Y.astype(np.float32)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    try:
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().double().numpy()
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):  # text, ragged lists, None: a damaged file
+        raise UserError(f"whitening {key!r} is not an array of numbers (found {type(value).__name__})") from None
 
 
 def whitening_from_dict(raw: Mapping[str, Any]) -> Whitening:
     """Build from {'m', 'P'} as cirtorch/aml store it (numpy or tensors; m may be D×1)."""
     if not isinstance(raw, Mapping) or "m" not in raw or "P" not in raw:
         raise UserError("a whitening must be a dict with keys 'm' and 'P'")
-    m, P = _to_numpy(raw["m"]).reshape(-1), _to_numpy(raw["P"])
+    m, P = _to_numpy(raw["m"], "m").reshape(-1), _to_numpy(raw["P"], "P")
     if P.ndim != 2 or P.shape[1] != m.size:
         raise UserError(f"whitening shapes do not match: m {m.shape}, P {P.shape}")
     meta = dict(raw.get("meta", {})) if isinstance(raw.get("meta", {}), Mapping) else {}
@@ -177,7 +181,10 @@ def load_whitening(path: str | Path) -> Whitening:
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        # corrupt or unsafe file: one clear line, no traceback
+    except (pickle.UnpicklingError, *DAMAGED_FILE_ERRORS) as err:
+        # corrupt or unsafe file: one clear line, no traceback (damage fails in as many ways as a checkpoint)
         raise UserError(f"cannot read whitening file {path}: {str(err).splitlines()[0]}") from None
-    return whitening_from_dict(raw)
+    try:
+        return whitening_from_dict(raw)
+    except UserError as err:
+        raise UserError(f"damaged whitening file {path}: {err}") from None

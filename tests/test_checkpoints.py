@@ -194,3 +194,22 @@ def test_aml_timm_efficientnet_file_is_refused_clearly(tmp_path):
     torch.save({"state_dict": weights, "meta": meta}, path)
     with pytest.raises(UserError, match="timm tf_efficientnet_b3"):
         load_network_file(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state["meta"].update(outputdim="big"), "meta['outputdim']"),
+    (lambda state: state["meta"].update(mean="abc"), "meta['mean']"),
+    (lambda state: state["meta"].update(projection_dim="x"), "meta['projection_dim']"),
+    (lambda state: state["meta"].update(std=[0.2, 0.2]), "meta['std'] must be 3 numbers"),
+    (lambda state: state.update(state_dict=list(state["state_dict"].values())), "'state_dict' is a list"),
+])
+def test_damaged_metadata_is_a_user_error_naming_the_file(tmp_path, damage, message):
+    path = tmp_path / "model_best.pth.tar"
+    save_checkpoint(path, create_net("small_cnn", pretrained=False), epoch=3)
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    with pytest.raises(UserError) as exc:
+        load_checkpoint(path)
+    text = str(exc.value)
+    assert text.startswith(f"damaged network file {path}: ") and message in text and "\n" not in text

@@ -353,3 +353,31 @@ def test_reused_stages_report_the_time_they_took_to_build(tmp_path):
                                          stages=again.timings))
     assert f"| synth | reused | {again.timings[0].seconds:.1f} | {built:.1f} | there |" in text
     assert "| shards | reused |" in text and "| – |" in text
+
+
+def _eval_cache(tmp_path):
+    from types import SimpleNamespace
+
+    from amldist.demo import evaluation
+
+    settings, run = SimpleNamespace(report_dir=tmp_path), SimpleNamespace(name="student")
+    evaluation._save_descriptors(evaluation.descriptors_path(settings, run), np.ones((40, 8)))
+    identity = {"network_sha256": "abc"}
+    evaluation.result_path(settings, run).write_text(json.dumps({"identity": identity, "results": {"sym": {}}}))
+    return evaluation, settings, run, identity
+
+
+def test_damaged_demo_eval_cache_counts_as_missing(tmp_path):
+    evaluation, settings, run, identity = _eval_cache(tmp_path)
+    assert evaluation.load_results(settings, run, identity) is not None
+    descriptors = evaluation.descriptors_path(settings, run)
+    whole = descriptors.read_bytes()
+    descriptors.write_bytes(whole[:200])  # truncated
+    assert evaluation.load_results(settings, run, identity) is None  # so the eval stage computes it again
+    with pytest.raises(UserError, match="damaged eval cache"):
+        evaluation.load_descriptors(settings, run)
+    descriptors.write_bytes(whole)
+    for damaged in ("[1, 2]", '{"identity": {"network_sha256": "abc"}, "results": [1]}', "\xff{"):
+        evaluation.result_path(settings, run).write_text(damaged)
+        assert evaluation.load_results(settings, run, identity) is None
+        assert evaluation.load_results(settings, run) is None

@@ -288,3 +288,114 @@ def test_eval_cli_bad_input_is_one_line_exit_2(eval_setup, capsys, extra, messag
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def _no_evaluation(monkeypatch):
+    """Checks of --out must come before any network is loaded."""
+    monkeypatch.setattr(eval_cli, "load_net", lambda *args, **kwargs: pytest.fail("evaluated before checking --out"))
+
+
+def test_eval_out_refuses_to_replace_a_file_that_is_not_our_results(eval_setup, tmp_path, capsys, monkeypatch):
+    import json
+    import shutil
+
+    _no_evaluation(monkeypatch)
+    checkpoint = tmp_path / "copy.pth.tar"
+    shutil.copy(eval_setup / "nets" / "student.pt", checkpoint)
+    other_json = tmp_path / "list.json"
+    other_json.write_text(json.dumps([1, 2]))
+    for out in (checkpoint, other_json):
+        before = out.read_bytes()
+        assert main(_eval_args(eval_setup, "--out", str(out))) == 2
+        err = capsys.readouterr().err
+        assert "is not an amldist eval results file" in err and err.count("\n") == 1
+        assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda tmp: tmp, "is a folder"),
+    (lambda tmp: tmp / "file.txt" / "results.json", "is a file, not a folder"),
+    (lambda tmp: tmp / "file.txt" / "deeper" / "results.json", "is a file, not a folder"),
+])
+def test_eval_out_location_is_checked_before_evaluating(eval_setup, tmp_path, capsys, monkeypatch, where, message):
+    _no_evaluation(monkeypatch)
+    (tmp_path / "file.txt").write_text("keep me")
+    assert main(_eval_args(eval_setup, "--out", str(where(tmp_path)))) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_eval_out_in_an_unwritable_folder_is_refused_early(eval_setup, tmp_path, capsys, monkeypatch):
+    import os
+
+    _no_evaluation(monkeypatch)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root, where chmod is ignored
+    assert main(_eval_args(eval_setup, "--out", str(tmp_path / "results.json"))) == 2
+    assert f"cannot write in {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lw, message", [
+    ("nope", "meta['Lw'] is a str, not a dict"),
+    ({"retrieval-SfM-120k": [1, 2]}, "meta['Lw']['retrieval-SfM-120k'] is a list"),
+    ({"retrieval-SfM-120k": {"ss": {"m": "abc", "P": "def"}}}, "whitening 'm' is not an array of numbers"),
+    ({"retrieval-SfM-120k": {"ss": {"m": np.zeros(3), "P": np.eye(3)}}}, "expects 3-D descriptors"),
+])
+def test_damaged_whitening_in_the_network_meta_names_the_file(eval_setup, tmp_path, lw, message):
+    from amldist.checkpoints import load_checkpoint
+
+    net, _ = load_checkpoint(eval_setup / "nets" / "student.pt")
+    net.meta.extra["Lw"] = lw
+    loaded = eval_cli.LoadedNet("student", tmp_path / "student.pt", net)
+    extractor = eval_cli.Extractor(tmp_path, 32, [1.0], "cpu", 4, 0, 0)
+    with pytest.raises(UserError) as exc:
+        eval_cli.whitening_for(loaded, "retrieval-SfM-120k", extractor)
+    assert str(exc.value).startswith(f"damaged network file {tmp_path / 'student.pt'}: ") and message in str(exc.value)
+
+
+def _whitening_of(network_path, eval_setup):
+    net = eval_cli.load_net("student", network_path, "cpu")
+    extractor = eval_cli.Extractor(eval_setup / "data", 32, [1.0], "cpu", 4, 0, 0)
+    return eval_cli.whitening_for(net, "retrieval-SfM-120k", extractor)
+
+
+def test_damaged_whitening_cache_is_learned_again(eval_setup, tmp_path, caplog, monkeypatch):
+    import logging
+    import shutil
+
+    from amldist import whiten
+
+    # earlier tests in the session (Ray's set-up in a demo run, a worker's quiet logs) may have raised the
+    # log level or cut propagation: either hides the warning from caplog
+    caplog.set_level(logging.WARNING, logger="amldist")
+    monkeypatch.setattr(logging.getLogger("amldist"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger(eval_cli.__name__), "disabled", False)
+
+    network = tmp_path / "student.pt"
+    shutil.copy(eval_setup / "nets" / "student.pt", network)
+    learned = _whitening_of(network, eval_setup)
+    cache = eval_cli.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
+    cache.write_bytes(np.random.default_rng(17).bytes(256))  # torch.load fails with IndexError on these
+    again = _whitening_of(network, eval_setup)
+    assert "ignoring the whitening cache" in caplog.text
+    np.testing.assert_allclose(again.P, learned.P)
+    np.testing.assert_allclose(whiten.load_whitening(cache).P, learned.P)  # and the cache is whole again
+
+
+def test_whitening_cache_of_a_replaced_network_is_not_reused(eval_setup, tmp_path):
+    import torch
+
+    from amldist.checkpoints import save_checkpoint
+    from amldist.nets import create_net
+
+    network = tmp_path / "model_best.pth"
+    torch.manual_seed(5)
+    save_checkpoint(network, create_net("small_cnn", pretrained=False), epoch=1)
+    first = _whitening_of(network, eval_setup)
+    torch.manual_seed(6)  # retrained: same name, same dimension, other weights
+    save_checkpoint(network, create_net("small_cnn", pretrained=False), epoch=2)
+    second = _whitening_of(network, eval_setup)
+    assert not np.allclose(second.P, first.P)
+    cache = eval_cli.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
+    cache.unlink()
+    np.testing.assert_allclose(_whitening_of(network, eval_setup).P, second.P)  # what learning from scratch gives

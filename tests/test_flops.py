@@ -90,3 +90,52 @@ def test_nets_help_renders(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["nets", "info", "--arch", "vgg16", "--image-size", "1"],
+                                  ["nets", "table1", "--image-size", "1"]])
+def test_image_size_too_small_for_vgg16_is_one_line_exit_2(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "image size 1 is too small for vgg16" in captured.err
+
+
+def test_smallest_vgg16_size_is_counted():
+    assert flops.complexity("vgg16", None, 16).flops > 0  # 4 poolings: 16 px -> a 1 x 1 feature map
+
+
+def _export_argv(tmp_path, output, *extra):
+    return ["nets", "export", str(tmp_path / "ckpt.pth"), str(output), *extra]
+
+
+def test_nets_export_never_replaces_its_input_or_an_existing_file_without_force(tmp_path, capsys):
+    save_checkpoint(tmp_path / "ckpt.pth", create_net("small_cnn", pretrained=False), epoch=7)
+    checkpoint = (tmp_path / "ckpt.pth").read_bytes()
+    (tmp_path / "ckpt_link.pth").symlink_to(tmp_path / "ckpt.pth")
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"an earlier export")
+    cases = [(tmp_path / "ckpt.pth", "is the input checkpoint"), (tmp_path / "ckpt_link.pth", "is the input"),
+             (other, "already exists; pass --force"), (tmp_path, "is a folder"),
+             (tmp_path / "ckpt.pth" / "plain.pth", "is a file, not a folder")]
+    for output, message in cases:
+        assert main(_export_argv(tmp_path, output)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (output, err)
+    assert main(_export_argv(tmp_path, tmp_path / "ckpt.pth", "--force")) == 2  # --force never allows this
+    assert (tmp_path / "ckpt.pth").read_bytes() == checkpoint and other.read_bytes() == b"an earlier export"
+    assert torch.load(tmp_path / "ckpt.pth", weights_only=True)["epoch"] == 7
+    assert main(_export_argv(tmp_path, other, "--force")) == 0
+    assert load_network_file(other).meta.architecture == "small_cnn"
+
+
+def test_nets_export_refuses_an_unwritable_folder_before_loading(tmp_path, capsys, monkeypatch):
+    import os
+
+    from amldist import checkpoints
+
+    save_checkpoint(tmp_path / "ckpt.pth", create_net("small_cnn", pretrained=False), epoch=1)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root, where chmod is ignored
+    monkeypatch.setattr(checkpoints, "load_network_file", lambda path: pytest.fail("loaded before checking"))
+    assert main(_export_argv(tmp_path, tmp_path / "new" / "plain.pth")) == 2
+    assert f"cannot write in {tmp_path}" in capsys.readouterr().err

@@ -269,3 +269,20 @@ def test_missing_weights_offline_is_one_line_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("offline"))
     with pytest.raises(UserError, match="--no-pretrained"):
         create_net("resnet18", pretrained=True)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("outputdim", "big", "meta['outputdim'] must be a whole number"),
+    ("outputdim", float("nan"), "meta['outputdim'] must be a whole number"),
+    ("projection_dim", "x", "meta['projection_dim'] must be a whole number"),
+    ("mean", "abc", "meta['mean'] must be 3 finite numbers"),
+    ("mean", "123", "meta['mean'] must be 3 finite numbers"),  # text is not three numbers
+    ("mean", [0.5, "x", 0.5], "meta['mean'] must be 3 finite numbers"),
+    ("std", [0.2, 0.2], "meta['std'] must be 3 numbers > 0"),
+    ("std", [0.2, 0.0, 0.2], "meta['std'] must be 3 numbers > 0"),
+])
+def test_damaged_meta_values_are_user_errors(key, value, message):
+    meta = create_net("mini_cnn", pretrained=False).meta.to_dict()
+    meta[key] = value
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        NetMeta.from_dict(meta)

@@ -104,3 +104,20 @@ def test_bad_inputs_are_user_errors(tmp_path):
         whiten.load_whitening(bad)
     with pytest.raises(UserError):
         whiten.whitening_from_dict({"m": np.zeros(3), "P": np.zeros((3, 4))})
+
+
+@pytest.mark.parametrize("seed", [17, 54, 62])  # random bytes that fail torch.load with IndexError, UnicodeDecodeError, KeyError
+def test_random_bytes_whitening_file_is_one_line_user_error(tmp_path, seed):
+    bad = tmp_path / "random.whiten.pt"
+    bad.write_bytes(np.random.default_rng(seed).bytes(256))
+    with pytest.raises(UserError, match="cannot read whitening file"):
+        whiten.load_whitening(bad)
+
+
+def test_non_numeric_whitening_values_name_the_file(tmp_path):
+    bad = tmp_path / "text.whiten.pt"
+    torch.save({"m": "abc", "P": torch.eye(3, dtype=torch.float64)}, bad)
+    with pytest.raises(UserError, match=f"damaged whitening file {bad}: whitening 'm' is not an array"):
+        whiten.load_whitening(bad)
+    with pytest.raises(UserError, match="'P' is not an array"):
+        whiten.whitening_from_dict({"m": np.zeros(2), "P": [[1.0, 2.0], [3.0]]})

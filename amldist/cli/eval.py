@@ -8,15 +8,17 @@ Testing modes: `sym` (student queries vs student database); with --teacher, `tea
 alone) and, with --asym, `asym` (student queries vs teacher database, the paper's asymmetric
 testing). Learned whitening is learned in the database network's space (the teacher's for asym) and
 applied to queries and database alike; it comes from the network file's meta['Lw'], else from a
-cached file beside the network (`<stem>.<name>-<size>.whiten[-ms].pt`), else it is learned and
-cached. Images are read from shards under the root when they exist at this image size, else from the
-image folders. aml's short flags (-npath, -d, -ms, -w, -imsize) work too.
+cached file beside the network (`<stem>.<name>-<size>.whiten[-ms].pt`, used only if learned for
+the same network file content), else it is learned and cached. Images are read from shards under
+the root when they exist at this image size, else from the image folders. aml's short flags (-npath,
+-d, -ms, -w, -imsize) work too.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import logging
 import math
 import operator
@@ -26,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from amldist.cli.common import add_command, existing_dir, existing_file, positive_int, require
+from amldist.cli.common import (
+    add_command,
+    check_output_location,
+    checked_device,
+    existing_dir,
+    existing_file,
+    positive_int,
+    require,
+)
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
 
@@ -35,6 +45,10 @@ log = logging.getLogger(__name__)
 MAX_SCALE_TEXT = 200
 MAX_EXPONENT = 64.0
 MAX_SCALE = 4.0
+# --out may replace only a results file of ours: a JSON object with the keys `run` writes.
+RESULTS_KEYS = frozenset({"network", "teacher", "datasets", "scales", "image_size", "whitening", "distractors",
+                          "results"})
+MAX_RESULTS_BYTES = 16 << 20  # results are a few kB; anything bigger is some other file
 
 
 def register(subparsers) -> None:
@@ -55,7 +69,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data-root", required=True, type=existing_dir, help="data root (cirtorch layout)")
     parser.add_argument("--image-size", "-imsize", type=positive_int, default=1024,
                         help="longest image side (default 1024)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the results as JSON here (replaces only an earlier results file)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per forward pass (default: 16 on a GPU, 4 on the CPU)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (default 2)")
@@ -194,20 +209,21 @@ def whitening_cache_path(network_path: Path, name: str, image_size: int, multisc
 def whitening_for(network: LoadedNet, name: str, extractor: Extractor):
     """Lw of `network` on `name`: from meta['Lw'], else a matching cached file, else learned (and cached)."""
     from amldist import whiten
+    from amldist.feature_store import file_sha256
 
     multiscale = len(extractor.scales) > 1
-    stored = network.net.meta.extra.get("Lw", {}).get(name, {}).get("ms" if multiscale else "ss")
+    stored = _stored_whitening(network, name, multiscale)
     if stored is not None:
         log.info("%s: whitening %s from the network file", network.role, name)
-        return whiten.whitening_from_dict(stored)
+        return stored
     path = whitening_cache_path(network.path, name, extractor.image_size, multiscale)
-    settings = {"whitening": name, "image_size": extractor.image_size, "scales": list(extractor.scales)}
-    if path.is_file():
-        cached = whiten.load_whitening(path)
-        if all(cached.meta.get(k) == v for k, v in settings.items()) and cached.P.shape[1] == network.dim:
-            log.info("%s: whitening from %s", network.role, path)
-            return cached
-        log.info("%s: %s was learned with other settings; learning again", network.role, path)
+    # The cache sits beside the network under a name that survives retraining, so it is keyed to the
+    # network file's content: a replaced network must not reuse the Lw learned for the old one.
+    settings = {"whitening": name, "image_size": extractor.image_size, "scales": list(extractor.scales),
+                "network_sha256": file_sha256(network.path)}
+    cached = _cached_whitening(path, settings, network)
+    if cached is not None:
+        return cached
     pairs = formats.read_whiten_db(layout.whiten_db_path(extractor.root, name))
     X = extractor.descriptors(network, name, "whiten", len(pairs.cids))  # (N, D)
     learned = whiten.learn_whitening(X, pairs.qidxs, pairs.pidxs)
@@ -217,6 +233,52 @@ def whitening_for(network: LoadedNet, name: str, extractor: Extractor):
     except OSError as err:
         log.warning("could not cache the whitening at %s: %s", path, err)
     return learned
+
+
+def _stored_whitening(network: LoadedNet, name: str, multiscale: bool):
+    """meta['Lw'][name]['ss'|'ms'] of the network file, or None; a damaged entry is a one-line error."""
+    from amldist import whiten
+
+    try:
+        entry = _lw_entry(network.net.meta.extra.get("Lw"), name, "ms" if multiscale else "ss")
+        if entry is None:
+            return None
+        lw = whiten.whitening_from_dict(entry)
+        require(lw.P.shape[1] == network.dim,
+                f"meta['Lw'] expects {lw.P.shape[1]}-D descriptors, the network gives {network.dim}")
+    except UserError as err:
+        raise UserError(f"damaged network file {network.path}: {err}") from None
+    return lw
+
+
+def _lw_entry(lw: Any, name: str, scale_key: str) -> Any:
+    """Walk cirtorch's {name: {'ss'|'ms': {'m', 'P'}}} layout, refusing any level that is not a dict."""
+    if lw is None:
+        return None
+    require(isinstance(lw, dict), f"meta['Lw'] is a {type(lw).__name__}, not a dict")
+    per_name = lw.get(name)
+    require(per_name is None or isinstance(per_name, dict),
+            f"meta['Lw'][{name!r}] is a {type(per_name).__name__}, not a dict")
+    return None if per_name is None else per_name.get(scale_key)
+
+
+def _cached_whitening(path: Path, settings: dict[str, Any], network: LoadedNet):
+    """The cached Lw when it was learned with these settings for this very network file, else None.
+    The file is only a cache: a damaged one is learned again (with a warning), not an error."""
+    from amldist import whiten
+
+    if not path.is_file():
+        return None
+    try:
+        cached = whiten.load_whitening(path)
+    except UserError as err:
+        log.warning("%s: ignoring the whitening cache, learning again (%s)", network.role, err)
+        return None
+    if all(cached.meta.get(k) == v for k, v in settings.items()) and cached.P.shape[1] == network.dim:
+        log.info("%s: whitening from %s", network.role, path)
+        return cached
+    log.info("%s: %s was learned with other settings or another network file; learning again", network.role, path)
+    return None
 
 
 # ---------------------------------------------------------------- the run
@@ -265,14 +327,24 @@ def _check_inputs(args: argparse.Namespace, datasets: list[str]) -> None:
     require(args.workers >= 0 and args.ray_workers >= 0, "--workers and --ray-workers must be >= 0")
 
 
-def _default_device(device: str | None) -> str:
-    import torch
+def _is_results_file(path: Path) -> bool:
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        return False
+    try:
+        stored = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8 or not JSON (e.g. a checkpoint)
+        return False
+    return isinstance(stored, dict) and RESULTS_KEYS <= set(stored) and isinstance(stored["results"], dict)
 
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    require(device == "cpu" or device.startswith("cuda"), f"--device must be cpu or cuda, got {device!r}")
-    require(device == "cpu" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible")
-    return device
+
+def _check_out(path: Path | None) -> None:
+    """--out is checked before evaluating, and may replace only an earlier results file: a mistyped
+    path must not turn a checkpoint (or any other file) into JSON."""
+    if path is None:
+        return
+    check_output_location(path, "--out")
+    require(not path.exists() or _is_results_file(path),
+            f"--out {path} exists and is not an amldist eval results file; refusing to replace it")
 
 
 def _json_ready(value: Any) -> Any:
@@ -292,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     datasets = parse_datasets(args.datasets)
     modes = testing_modes(args)
     _check_inputs(args, datasets)
-    device = _default_device(args.device)
+    _check_out(args.out)
+    device = checked_device(args.device)
     student = load_net("student", args.network, device)
     teacher = load_net("teacher", args.teacher, device) if args.teacher else None
     if args.asym:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from amldist.cli.common import add_command, add_group, existing_file, positive_int
+from amldist.cli.common import add_command, add_group, existing_file, positive_int, require
 
 TEACHER_DIMS = {"vgg16": 512, "resnet101": 2048}
 
@@ -30,7 +32,9 @@ def register(subparsers) -> None:
 
     export = add_command(nets, "export", "write a checkpoint's network as a plain cirtorch/aml file", run_export)
     export.add_argument("checkpoint", type=existing_file, help="amldist checkpoint or network file")
-    export.add_argument("output", help="where to write {'state_dict', 'meta'}")
+    export.add_argument("output", type=Path, help="where to write {'state_dict', 'meta'} (a new file)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never the checkpoint itself)")
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -50,16 +54,30 @@ def run_info(args: argparse.Namespace) -> int:
 def run_table1(args: argparse.Namespace) -> int:
     from amldist.flops import format_table1, table1
 
+    results = table1(args.image_size, elementwise=not args.conv_only)  # first: a bad size prints nothing
     print(f"Table 1 at {args.image_size}x{args.image_size} "
           f"({'convolutions only' if args.conv_only else 'all layers'}; FLOPs = 2 x MACs)")
-    print(format_table1(table1(args.image_size, elementwise=not args.conv_only)))
+    print(format_table1(results))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from amldist.checkpoints import export_network_file, load_network_file
 
+    _check_export_output(args.checkpoint, args.output.expanduser(), args.force)
     net = load_network_file(args.checkpoint)
     export_network_file(args.output, net)
     print(f"wrote {args.output} ({net.meta.architecture}, {net.meta.pooling}, dim {net.meta.outputdim})")
     return 0
+
+
+def _check_export_output(checkpoint: Path, output: Path, force: bool) -> None:
+    """The export keeps only weights and meta, so writing it over a training checkpoint (above all the
+    input itself) would silently drop its epoch, optimizer and config: existing files need --force."""
+    from amldist.cli.common import check_output_location
+
+    check_output_location(output, "output")
+    if output.exists():
+        require(not os.path.samefile(output, checkpoint),
+                f"output {output} is the input checkpoint; exporting over it would drop its training state")
+        require(force, f"output {output} already exists; pass --force to replace it")

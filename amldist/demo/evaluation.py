@@ -5,7 +5,8 @@ queries and database) and, when it learned from the teacher, asymmetrically (stu
 database). Learned whitening on the training set's whitening pairs, in the database network's space,
 as `amldist eval --whitening` does. Descriptors are computed once per (network, set) and shared across
 modes; the results of each network go to `<report>/eval/<run>.json`, keyed by its checkpoint's sha256,
-so a re-run evaluates again only networks that changed. The raw database descriptors of one test set
+so a re-run evaluates again only networks that changed (or whose cached files are damaged: those
+count as missing). The raw database descriptors of one test set
 are kept beside them (`<run>.<set>-db.npy`, (N, D) float32) for the report's t-SNE figure.
 """
 
@@ -24,6 +25,7 @@ from amldist.atomic import atomic_path, atomic_write_json
 from amldist.datasets import formats, layout
 from amldist.demo.settings import TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
 from amldist.demo.stages import BUILT, REUSED, DemoState, RunOutcome
+from amldist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,24 @@ def descriptors_path(settings: DemoSettings, run: RunOutcome) -> Path:
 
 def load_descriptors(settings: DemoSettings, run: RunOutcome) -> np.ndarray:
     """The run's raw database descriptors (N, D) of DESCRIPTORS_DATASET, saved by the eval stage."""
-    return np.load(descriptors_path(settings, run))
+    path = descriptors_path(settings, run)
+    try:
+        vectors = np.load(path)
+    except (OSError, ValueError, EOFError) as err:  # truncated, garbled, or gone since the eval stage
+        raise UserError(f"damaged eval cache {path} ({str(err).splitlines()[0][:120]}); "
+                        f"run the demo again with --force eval") from None
+    if vectors.ndim != 2:
+        raise UserError(f"damaged eval cache {path}: expected (N, D) descriptors, found shape {vectors.shape}")
+    return vectors
+
+
+def _descriptors_readable(path: Path) -> bool:
+    """Whether the saved descriptors are whole: memory-mapping reads only the header, yet a truncated
+    file fails (its data would run past the end), so checking costs next to nothing."""
+    try:
+        return np.load(path, mmap_mode="r").ndim == 2
+    except (OSError, ValueError, EOFError):
+        return False
 
 
 def _save_descriptors(path: Path, vectors: np.ndarray) -> None:
@@ -67,11 +86,13 @@ def _save_descriptors(path: Path, vectors: np.ndarray) -> None:
 
 def load_results(settings: DemoSettings, run: RunOutcome, identity: dict[str, Any] | None = None) -> dict | None:
     """Stored results of a run; None when missing or (given `identity`) computed for something else."""
-    if identity is not None and not descriptors_path(settings, run).is_file():
-        return None
+    if identity is not None and not _descriptors_readable(descriptors_path(settings, run)):
+        return None  # a damaged cache counts as missing: the eval stage computes it again
     try:
         stored = json.loads(result_path(settings, run).read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not isinstance(stored.get("results"), dict):
         return None
     if identity is not None and stored.get("identity") != identity:
         return None
@@ -99,8 +120,8 @@ def eval_stage(state: DemoState) -> tuple[str, str]:
             pending.append((run, identity))
     if not pending:
         return REUSED, f"{len(state.runs)} networks"
-    for run, _ in pending:  # `amldist eval` caches Lw beside the network by settings, not by weights: a
-        # network evaluated again may have new weights (a resumed or retrained run), so learn its Lw anew
+    for run, _ in pending:  # a network evaluated again may have new weights (a resumed or retrained run);
+        # `amldist eval` would notice (its Lw cache is keyed by the file's sha256), but learn anew to be sure
         whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size, False).unlink(missing_ok=True)
     extractor = Extractor(s.data_root, s.test_image_size, [1.0], "cpu", batch_size=16, workers=0, ray_workers=0)
     args = argparse.Namespace(whitening=TRAIN_DATASET, data_root=s.data_root, distractors=None)

@@ -9,6 +9,8 @@ written again loses nothing.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,12 +56,33 @@ class NetMeta:
         return cls(
             architecture=str(meta["architecture"]),
             pooling=str(meta["pooling"]),
-            outputdim=int(meta.get("outputdim", 0)),
-            mean=[float(v) for v in meta["mean"]],
-            std=[float(v) for v in meta["std"]],
-            projection_dim=int(stored_projection) if stored_projection is not None else projection_dim,
+            outputdim=_whole_number(meta.get("outputdim", 0), "outputdim"),
+            mean=_three_numbers(meta["mean"], "mean"),
+            std=_three_numbers(meta["std"], "std", positive=True),
+            projection_dim=(_whole_number(stored_projection, "projection_dim") if stored_projection is not None
+                            else projection_dim),
             local_whitening=bool(meta.get("local_whitening", False)),
             regional=bool(meta.get("regional", False)),
             whitening=bool(meta.get("whitening", False)),
             extra={key: value for key, value in meta.items() if key not in _TYPED_KEYS},
         )
+
+
+def _whole_number(value: Any, key: str) -> int:
+    """meta[key] as an int; a damaged file may hold text or a float there (int() would crash or truncate)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value != int(value) or value < 0):
+        raise UserError(f"meta[{key!r}] must be a whole number >= 0, found {value!r:.60}")
+    return int(value)
+
+
+def _three_numbers(value: Any, key: str, positive: bool = False) -> list[float]:
+    """meta['mean'] / meta['std']: one finite number per RGB channel (images are normalised per channel)."""
+    try:  # text would iterate as characters ('123' -> 1, 2, 3), so only sequences count
+        values = [] if isinstance(value, (str, bytes, dict)) else [float(v) for v in value]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        rule = "3 numbers > 0" if positive else "3 finite numbers"
+        raise UserError(f"meta[{key!r}] must be {rule} (one per RGB channel), found {value!r:.60}")
+    return values

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ VERSION = 1
 STORE_DTYPE = np.float16
 # Manifest fields a caller may require to match (a different teacher or resolution is a different store).
 MATCH_FIELDS = ("network_sha256", "architecture", "image_size", "scales", "dataset", "split", "count", "dim")
+# What a store folder may hold: its manifest, arrays, and the temporary files of an interrupted write.
+_STORE_ENTRY = re.compile(r"manifest\.json|features-[0-9a-f]{12}\.npy|features\.npy\.pending"
+                          r"|\.(manifest\.json|features\.npy\.pending)\..+\.tmp")
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -71,6 +75,31 @@ def write_feature_store(directory: str | Path, features: np.ndarray, *, network:
     _remove_stale_arrays(directory, keep=array_file)
     log.info("wrote %d teacher features of dim %d to %s", manifest["count"], manifest["dim"], directory)
     return FeatureStore.open(directory, verify=False)
+
+
+def not_a_store(directory: str | Path) -> str | None:
+    """Why writing a store into `directory` would destroy something else; None when it may be written.
+
+    A missing or empty folder may be written, and so may a store, even a damaged one (an unreadable
+    manifest beside store files only): writes are atomic. A folder holding any other file, or another
+    program's manifest.json (a shard folder), may not.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        return "it exists and is not a folder"
+    others = sorted(p.name for p in directory.iterdir() if not _STORE_ENTRY.fullmatch(p.name))
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        return f"it holds {others[0]!r}{more}, which is not part of a teacher feature store"
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, or a damaged store of ours: rewritten atomically
+        return None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        return None
+    return f"its {MANIFEST} is not a teacher feature manifest"
 
 
 def _write_array(directory: Path, half: np.ndarray) -> tuple[str, str]:
@@ -123,6 +152,13 @@ class FeatureStore:
 
     def require_match(self, expected: Mapping[str, Any]) -> None:
         """Raise UserError naming the first field whose value differs from what the caller needs."""
+        difference = self.mismatch(expected)
+        if difference is not None:
+            raise UserError(f"teacher features in {self.directory} were computed with {difference}; "
+                            f"recompute them with `amldist features`")
+
+    def mismatch(self, expected: Mapping[str, Any]) -> str | None:
+        """'FIELD HAVE, not WANT' for the first field that differs from `expected`, else None."""
         for key, want in expected.items():
             if key not in MATCH_FIELDS:
                 raise ValueError(f"cannot match on {key!r}; choose from {', '.join(MATCH_FIELDS)}")
@@ -132,8 +168,8 @@ class FeatureStore:
             else:
                 same = have == want
             if not same:
-                raise UserError(f"teacher features in {self.directory} were computed with {key} {have!r}, "
-                                f"not {want!r}; recompute them with `amldist features`")
+                return f"{key} {have!r}, not {want!r}"
+        return None
 
     def __len__(self) -> int:
         return int(self.manifest["count"])

@@ -1,6 +1,8 @@
 """Teacher feature store: round trip, memory map, refusal of a mismatched or corrupt store, atomic writes."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -169,7 +171,9 @@ def test_cli_writes_the_teacher_features_of_every_image(teacher_split, tmp_path,
     assert array.stat().st_mtime_ns == stamp  # up to date: not recomputed
     argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out),
             "--image-size", "24", "--scales", "1", "0.5"]
-    assert main(argv) == 0
+    assert main(argv) == 2  # another size and scales: replaced only with --force
+    assert array.stat().st_mtime_ns == stamp
+    assert main([*argv, "--force"]) == 0
     changed = FeatureStore.open(out)
     assert changed.manifest["image_size"] == 24 and changed.manifest["scales"] == [1.0, 0.5]
     np.testing.assert_allclose(changed.vectors(np.arange(7)),
@@ -199,3 +203,102 @@ def test_cli_mistakes_are_one_line_exit_2(teacher_split, tmp_path, capsys, probl
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def folder_state(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", ["shard folder", "other files", "the shards", "inside the shards"])
+def test_cli_refuses_an_out_that_is_not_a_store(teacher_split, tmp_path, capsys, case):
+    split, network = teacher_split
+    shards = shutil.copytree(split, tmp_path / "shards")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    out = {"shard folder": shards, "other files": tmp_path / "mine", "the shards": shards,
+           "inside the shards": shards / "store"}[case]
+    source = split if case in ("shard folder", "other files") else shards
+    before = {folder: folder_state(folder) for folder in (shards, tmp_path / "mine")}
+    argv = ["features", "--network", str(network), "--shards", str(source), "--out", str(out), "--force"]
+    assert run_cli(argv) == 2
+    assert str(out) in one_line_error(capsys)
+    assert {folder: folder_state(folder) for folder in (shards, tmp_path / "mine")} == before
+
+
+def test_cli_replaces_another_teachers_store_only_with_force(teacher_split, tmp_path, capsys):
+    split, network = teacher_split
+    out = tmp_path / "store"
+    argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out)]
+    assert run_cli(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "network_sha256": "00" * 32}))  # another teacher
+    before = folder_state(out)
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    assert "network_sha256" in one_line_error(capsys) and folder_state(out) == before
+    assert run_cli([*argv, "--force"]) == 0
+    assert FeatureStore.open(out).manifest["network_sha256"] == feature_store.file_sha256(network)
+
+
+def test_cli_recomputes_a_damaged_store_of_its_own(teacher_split, tmp_path):
+    split, network = teacher_split
+    out = tmp_path / "store"
+    argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out)]
+    assert run_cli(argv) == 0
+    array = out / FeatureStore.open(out).manifest["array_file"]
+    raw = bytearray(array.read_bytes())
+    raw[-1] ^= 0xFF
+    array.write_bytes(bytes(raw))
+    assert run_cli(argv) == 0  # checksum mismatch: recomputed without --force
+    FeatureStore.open(out)
+    (out / "manifest.json").write_text("{ half a manifest")
+    assert run_cli(argv) == 0  # an unreadable manifest beside store files only: still ours
+    FeatureStore.open(out)
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+def test_cli_unwritable_out_fails_before_embedding(teacher_split, tmp_path, capsys, monkeypatch, case):
+    from amldist.cli import features
+
+    split, network = teacher_split
+    monkeypatch.setattr(features, "embed_split", lambda *a, **k: pytest.fail("embedded before checking --out"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    if case == "read-only" and os.access(read_only, os.W_OK):
+        pytest.skip("running as root: a read-only folder is still writable")
+    out = {"a file": blocker, "under a file": blocker / "out", "read-only": read_only / "out"}[case]
+    argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out)]
+    assert run_cli(argv) == 2
+    assert str(out) in one_line_error(capsys)
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_cli_unusable_device_is_one_line(teacher_split, tmp_path, capsys, monkeypatch, device):
+    import torch
+
+    split, network = teacher_split
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(tmp_path / "out"),
+            "--device", device]
+    assert run_cli(argv) == 2
+    assert "--device" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_damaged_shard_manifest_is_one_line(teacher_split, tmp_path, capsys):
+    split, network = teacher_split
+    shards = shutil.copytree(split, tmp_path / "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "num_images": None}))
+    argv = ["features", "--network", str(network), "--shards", str(shards), "--out", str(tmp_path / "out")]
+    assert run_cli(argv) == 2
+    assert f"damaged shard manifest in {shards}" in one_line_error(capsys)

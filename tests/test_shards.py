@@ -379,3 +379,109 @@ def test_make_shards_script_uses_the_same_flags(test_root):
     bad = subprocess.run([sys.executable, str(script), "--root", str(test_root), "--dataset", "oxford5k"],
                          capture_output=True, text=True, check=False, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ refusing outputs, damaged folders
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """(exit code, stderr) of `amldist ARGV`, whether it returns or argparse exits."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return code, err.getvalue()
+
+
+def shards_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["data", "shards", "--root", str(root), "--dataset", TEST_SET, "--image-size", str(SIZE),
+            "--out", str(out), "--workers", "0", "--shard-count", "4", *extra]
+
+
+def test_cli_refuses_shards_of_another_dataset_unless_forced(test_root):
+    out = test_root / "out"
+    shard(test_root, out=out, splits=["db"])
+    manifest_path = out / "db" / mf.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "dataset": "rparis6k"}))  # as if rparis6k lived here
+    before = file_states(out / "db")
+    code, err = run_cli(shards_argv(test_root, out, "--splits", "db"))
+    assert code == 2 and err.count("\n") == 1 and "rparis6k/db" in err and "--force" in err, err
+    assert file_states(out / "db") == before
+    code, err = run_cli(shards_argv(test_root, out, "--splits", "db", "--force"))
+    assert code == 0, err
+    assert json.loads(manifest_path.read_text())["dataset"] == TEST_SET
+
+
+def test_cli_refuses_a_foreign_manifest_even_when_forced(test_root):
+    out = test_root / "out"
+    (out / "db").mkdir(parents=True)
+    foreign = out / "db" / mf.MANIFEST_NAME
+    foreign.write_text(json.dumps({"format": "amldist-teacher-features", "version": 1}))
+    code, err = run_cli(shards_argv(test_root, out, "--splits", "db", "--force"))
+    assert code == 2 and err.count("\n") == 1 and "not a shard manifest" in err, err
+    assert json.loads(foreign.read_text())["format"] == "amldist-teacher-features"
+
+
+def test_cli_unwritable_out_fails_before_any_work(test_root, monkeypatch):
+    from amldist.shards import write
+
+    monkeypatch.setattr(write, "probe_image", lambda *args: pytest.fail("probed before checking the output"))
+    blocker = test_root / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(shards_argv(test_root, blocker / "out"))
+    assert code == 2 and err.count("\n") == 1 and str(blocker) in err, err
+    out = test_root / "out"  # db is writable, query is a file: found before db is written
+    out.mkdir()
+    (out / "query").write_text("not a folder")
+    code, err = run_cli(shards_argv(test_root, out))
+    assert code == 2 and err.count("\n") == 1 and str(out / "query") in err, err
+    assert not (out / "db" / mf.MANIFEST_NAME).exists()
+
+
+def test_cli_read_only_out_fails_before_any_work(test_root, monkeypatch):
+    from amldist.shards import write
+
+    monkeypatch.setattr(write, "probe_image", lambda *args: pytest.fail("probed before checking the output"))
+    read_only = test_root / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as root: a read-only folder is still writable")
+        code, err = run_cli(shards_argv(test_root, read_only / "out"))
+        assert code == 2 and err.count("\n") == 1 and "cannot write" in err, err
+    finally:
+        read_only.chmod(0o755)
+
+
+def damage(folder: Path, how: str) -> None:
+    manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
+    if how == "shards list":  # one shard left in the list while the index names four
+        manifest["shards"] = [{**manifest["shards"][0], "count": manifest["num_samples"]}]
+        manifest["num_shards"] = 1
+    elif how == "huge index":
+        table = np.load(folder / mf.INDEX_NAME)
+        table[-1, mf.COLUMN["index"]] = 10**11
+        np.save(folder / mf.INDEX_NAME, table)
+    elif how == "null count":
+        manifest["num_images"] = None
+    elif how == "bare":
+        manifest = {"format_version": mf.FORMAT_VERSION}
+    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["shards list", "huge index", "null count", "bare"])
+def test_damaged_shard_folder_is_a_user_error(test_root, how):
+    shard(test_root, splits=["db"])
+    folder = split_dir(test_root)
+    damage(folder, how)
+    with pytest.raises(UserError, match="damaged shard"):
+        ShardReader(folder).read_bytes(NUM_DB - 1)
+    code, err = run_cli(["data", "shards-info", str(folder)])
+    if how in ("null count", "bare"):  # the index table is not read by shards-info
+        assert code == 2 and err.count("\n") == 1 and f"damaged shard manifest in {folder}" in err, err

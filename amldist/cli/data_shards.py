@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes (default: all CPUs; 0 or 1 runs in-process)")
     parser.add_argument("--quality", type=jpeg_quality, default=DEFAULT_QUALITY,
                         help=f"JPEG quality of re-encoded images (default {DEFAULT_QUALITY})")
+    parser.add_argument("--force", action="store_true",
+                        help="replace shards of another dataset or split found in the output folder")
 
 
 def _human_bytes(count: int) -> str:
@@ -97,7 +99,8 @@ def run_shards(args: argparse.Namespace) -> int:
     for name in args.dataset:
         manifests = shard_dataset(args.root, name, out=args.out, image_size=args.image_size,
                                   splits=args.splits, shard_count=args.shard_count,
-                                  shard_bytes=args.shard_bytes, workers=args.workers, quality=args.quality)
+                                  shard_bytes=args.shard_bytes, workers=args.workers, quality=args.quality,
+                                  force=args.force)
         for manifest in manifests.values():
             print(summary_line(manifest))
     return 0

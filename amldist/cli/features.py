@@ -6,7 +6,8 @@
 Asymmetric training reads positives and negatives from this store instead of running the teacher.
 With --num-workers N the split is embedded by N Ray tasks at a time (amldist.distributed_extract; one
 GPU each when the cluster has GPUs); otherwise one process does it. A store already computed with the same teacher,
-size, scales and split is left alone unless --force.
+size, scales and split is left alone unless --force; one computed otherwise is replaced only with --force.
+--out must be a missing or empty folder or a feature store, outside the --shards folder.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ def register(subparsers) -> None:
     parser.add_argument("--num-workers", type=int, default=0,
                         help="Ray tasks to spread the split over (0: this process only)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--force", action="store_true", help="recompute even when the store is up to date")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even when the store is up to date, and replace a store computed with "
+                             "another teacher, image size, scales or split")
 
 
 def run(args: argparse.Namespace) -> int:
     require(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     store = compute_features(args.network, args.shards, args.out, image_size=args.image_size, scales=args.scales,
                              num_workers=args.num_workers, batch_size=args.batch_size, device=args.device,
-                             force=args.force)
+                             force=args.force, replace_other=args.force)
     print(f"{store.directory}: {len(store)} teacher features of dim {store.dim} "
           f"({store.manifest['architecture']}, {store.manifest['dataset']}/{store.manifest['split']})")
     return 0
@@ -56,23 +59,31 @@ def run(args: argparse.Namespace) -> int:
 
 def compute_features(network: str | Path, split_dir: str | Path, out: str | Path, *, image_size: int | None = None,
                      scales: Sequence[float] = (1.0,), num_workers: int = 0, batch_size: int = 16,
-                     device: str | None = None, force: bool = False):
-    """Embed every image of the split with the teacher and write the store; returns it opened."""
+                     device: str | None = None, force: bool = False, replace_other: bool = True):
+    """Embed every image of the split with the teacher and write the store; returns it opened.
+
+    force recomputes an up-to-date store. replace_other=False refuses (UserError) to replace a store
+    computed with another teacher, size, scales or split; the CLI passes --force there, while training
+    replaces its stale val store. A folder holding anything but a store is always refused.
+    """
     from amldist.checkpoints import load_network_file
+    from amldist.cli.common import checked_device
     from amldist.feature_store import FeatureStore, file_sha256, write_feature_store
     from amldist.shards import read_manifest
+    from amldist.shards.manifest import ensure_writable_dir
 
     shards = read_manifest(split_dir)
-    network = Path(network)
+    network, out = Path(network), Path(out)
+    device = checked_device(device)  # a GPU asked for but absent: say so before any work
     provenance = {"network_sha256": file_sha256(network), "image_size": int(image_size or shards["image_size"]),
                   "scales": [float(s) for s in scales], "dataset": shards["dataset"], "split": shards["split"],
                   "count": int(shards["num_images"])}
-    if not force:
-        existing = _up_to_date(FeatureStore, out, provenance)
-        if existing is not None:
-            log.info("%s is up to date; nothing to do (use --force to recompute)", out)
-            return existing
+    existing = _existing_store(FeatureStore, out, split_dir, provenance, replace_other)
+    if existing is not None and not force:
+        log.info("%s is up to date; nothing to do (use --force to recompute)", out)
+        return existing
     net = load_network_file(network)
+    ensure_writable_dir(out, "teacher feature store")  # a read-only disk fails now, not after embedding
     options = {"image_size": provenance["image_size"], "scales": provenance["scales"], "batch_size": batch_size}
     features = embed_split(net, split_dir, provenance["count"], num_workers, device, options)
     return write_feature_store(out, features, network=str(network), network_sha256=provenance["network_sha256"],
@@ -80,20 +91,30 @@ def compute_features(network: str | Path, split_dir: str | Path, out: str | Path
                                scales=provenance["scales"], dataset=provenance["dataset"], split=provenance["split"])
 
 
-def _up_to_date(store_class, out: str | Path, provenance: dict[str, Any]):
-    if not (Path(out) / "manifest.json").is_file():
+def _existing_store(store_class, out: Path, split_dir: str | Path, provenance: dict[str, Any], replace_other: bool):
+    """The store in `out` when it matches `provenance`; None when `out` may be written; else UserError."""
+    from amldist.feature_store import not_a_store
+
+    if out.resolve().is_relative_to(Path(split_dir).resolve()):
+        raise UserError(f"--out {out} lies in the --shards folder {split_dir}; choose another folder")
+    problem = not_a_store(out)
+    if problem is not None:
+        raise UserError(f"--out {out} is not a teacher feature store: {problem}; choose another folder")
+    if not (out / "manifest.json").is_file():
         return None
     try:
-        return store_class.open(out, expected=provenance)
-    except UserError as err:
+        store = store_class.open(out)
+    except UserError as err:  # a damaged store of ours: rewritten atomically
         log.info("recomputing %s: %s", out, err)
         return None
-
-
-def _default_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    difference = store.mismatch(provenance)
+    if difference is None:
+        return store
+    if not replace_other:
+        raise UserError(f"--out {out} holds teacher features computed with {difference}; "
+                        f"pass --force to replace them, or choose another folder")
+    log.info("recomputing %s: it was computed with %s", out, difference)
+    return None
 
 
 def _gpus_per_worker() -> float:
@@ -117,7 +138,7 @@ def embed_split(net, split_dir: str | Path, count: int, num_workers: int, device
 
     source = ShardSource(split_dir, expected_count=count)  # a row per image, or a clear error
     if num_workers == 0:
-        return embed(net, source, device=_default_device(device), desc="teacher features", **options)
+        return embed(net, source, device=device, desc="teacher features", **options)
     from amldist.distributed_extract import embed_distributed
 
     return embed_distributed(net, source, num_workers=num_workers, gpus_per_worker=_gpus_per_worker(), **options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,58 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"unreadable shard manifest {path}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is not a version-{FORMAT_VERSION} shard manifest; rewrite the shards")
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise UserError(f"damaged shard manifest in {split_dir}: {problem}; rewrite the shards with "
+                        f"`amldist data shards`")
     return manifest
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain_name(value: Any) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields (readers index with them, so a bad one would crash later)."""
+    for key in ("dataset", "split"):
+        if not isinstance(manifest.get(key), str):
+            return f"{key} is {manifest.get(key)!r}, not a name"
+    if not _plain_name(manifest.get("index_file", INDEX_NAME)):
+        return f"index_file {manifest.get('index_file')!r} is not a file name in the folder"
+    for key in ("image_size", "num_images", "num_samples", "num_skipped", "num_shards", "total_bytes"):
+        if not _count(manifest.get(key)):
+            return f"{key} is {manifest.get(key)!r}, not a count"
+    shards, skipped = manifest.get("shards"), manifest.get("skipped")
+    if not isinstance(shards, list) or len(shards) != manifest["num_shards"]:
+        return f"shards is not a list of num_shards={manifest['num_shards']} entries"
+    if not all(isinstance(s, dict) and _plain_name(s.get("name")) and _count(s.get("count")) for s in shards):
+        return "a shards entry lacks a file name or a count"
+    if sum(s["count"] for s in shards) != manifest["num_samples"]:
+        return f"the shards hold {sum(s['count'] for s in shards)} samples, not num_samples={manifest['num_samples']}"
+    if not isinstance(skipped, list) or len(skipped) != manifest["num_skipped"] or not all(
+            isinstance(s, dict) and {"index", "name", "reason"} <= s.keys() for s in skipped):
+        return f"skipped is not a list of num_skipped={manifest['num_skipped']} entries"
+    # Every image is stored or skipped: this bounds the dataset indices the index table may hold.
+    if manifest["num_samples"] + manifest["num_skipped"] != manifest["num_images"]:
+        return "num_samples + num_skipped differs from num_images"
+    return None
+
+
+def ensure_writable_dir(folder: Path, what: str) -> None:
+    """Create `folder` and write a probe file in it, so that an output on a read-only disk or under a
+    file is a UserError before any work, not an OSError after it."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {what} {folder}: {err.strerror or err}") from None
 
 
 def find_split_dirs(path: str | Path) -> list[Path]:

@@ -77,13 +77,29 @@ class ShardReader:
             table = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise UserError(f"unreadable shard index {path}: {err}") from None
-        if table.ndim != 2 or table.shape[1] != len(mf.INDEX_COLUMNS) or len(table) != self.manifest["num_samples"]:
+        if (table.dtype.kind not in "iu" or table.ndim != 2 or table.shape[1] != len(mf.INDEX_COLUMNS)
+                or len(table) != self.manifest["num_samples"]):
             raise UserError(f"shard index {path} does not match its manifest; rewrite the shards")
         indices = np.asarray(table[:, mf.COLUMN["index"]])
+        problem = self._table_problem(table, indices)
+        if problem is not None:
+            raise UserError(f"damaged shard index in {self.split_dir}: {problem}; rewrite the shards")
         row_of = np.full(int(indices.max()) + 1 if len(indices) else 0, -1, dtype=np.int64)
         row_of[indices] = np.arange(len(indices))
         self._row_of = row_of
         return table
+
+    def _table_problem(self, table: np.ndarray, indices: np.ndarray) -> str | None:
+        """Bounds that keep the lookups below in range (and the row lookup array the dataset's size)."""
+        if not len(table):
+            return None
+        if table.min() < 0:
+            return "it holds negative values"
+        if indices.max() >= self.manifest["num_images"] or np.any(np.diff(indices) <= 0):
+            return f"its dataset indices are not ascending below num_images={self.manifest['num_images']}"
+        if table[:, mf.COLUMN["shard"]].max() >= len(self.manifest["shards"]):
+            return f"it names a shard beyond the manifest's {len(self.manifest['shards'])}"
+        return None
 
     def __len__(self) -> int:
         return int(self.manifest["num_samples"])

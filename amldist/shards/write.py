@@ -323,6 +323,25 @@ def _check_arguments(root: Path, image_size: int, quality: int, shard_count: int
         raise UserError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
 
 
+def _check_split_dir(split_dir: Path, params: SplitParams, force: bool) -> None:
+    """Refuse to write over another dataset's or split's shards (unless force) or over a foreign
+    manifest, and fail now, before any work, when the folder cannot be written."""
+    path = split_dir / mf.MANIFEST_NAME
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or "format_version" not in old:
+            raise UserError(f"{split_dir} holds a {mf.MANIFEST_NAME} that is not a shard manifest; "
+                            f"choose another --out")
+        theirs = (old.get("dataset"), old.get("split"))
+        if theirs != (params.dataset, params.split) and not force:
+            raise UserError(f"{split_dir} holds shards of {theirs[0]}/{theirs[1]}, not "
+                            f"{params.dataset}/{params.split}; pass --force to replace them, or choose another --out")
+    mf.ensure_writable_dir(split_dir, "shard folder")
+
+
 def _choose_splits(name: str, splits: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     available = layout.splits_of(name)
     if not splits:
@@ -336,11 +355,13 @@ def _choose_splits(name: str, splits: list[str] | tuple[str, ...] | None) -> tup
 def shard_dataset(root: str | Path, name: str, out: str | Path | None = None, image_size: int | None = None,
                   splits: list[str] | tuple[str, ...] | None = None,
                   shard_count: int = mf.DEFAULT_SHARD_COUNT, shard_bytes: int = mf.DEFAULT_SHARD_BYTES,
-                  workers: int | None = None, quality: int = mf.DEFAULT_QUALITY) -> dict[str, dict[str, Any]]:
+                  workers: int | None = None, quality: int = mf.DEFAULT_QUALITY,
+                  force: bool = False) -> dict[str, dict[str, Any]]:
     """Write (or bring up to date) `OUT/<split>/` for each split of `name`; returns {split: manifest}.
 
     OUT defaults to `layout.shards_dir(root, name, image_size)`; image_size defaults to 362 for
-    training sets and 1024 for test sets and distractors.
+    training sets and 1024 for test sets and distractors. A split folder holding shards of another
+    dataset or split is refused unless force.
     """
     root = Path(root)
     layout.check_dataset(name)
@@ -350,6 +371,8 @@ def shard_dataset(root: str | Path, name: str, out: str | Path | None = None, im
     out = Path(out) if out is not None else layout.shards_dir(root, name, image_size)
     if out.exists() and not out.is_dir():
         raise UserError(f"shard output {out} exists and is not a folder")
+    for split in chosen:
+        _check_split_dir(out / split, SplitParams(name, split, image_size, quality), force)
     images = formats.list_images(root, name)
     manifests = {}
     with Runner(resolve_workers(workers)) as runner:

@@ -55,8 +55,7 @@ def register(subparsers) -> None:
 
 def restarts(text: str) -> int:
     """argparse type of --max-failures: a count, or -1 for Ray's "restart without limit"."""
-    value = -1 if text.strip() == "-1" else non_negative_int(text)
-    return value
+    return -1 if text.strip() == "-1" else non_negative_int(text)
 
 
 def config_of(args: argparse.Namespace):

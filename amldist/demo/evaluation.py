@@ -120,9 +120,10 @@ def eval_stage(state: DemoState) -> tuple[str, str]:
             pending.append((run, identity))
     if not pending:
         return REUSED, f"{len(state.runs)} networks"
-    for run, _ in pending:  # a network evaluated again may have new weights (a resumed or retrained run);
-        # `amldist eval` would notice (its Lw cache is keyed by the file's sha256), but learn anew to be sure
-        whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size, False).unlink(missing_ok=True)
+    if "eval" in state.force:  # redo means redo: learn Lw again too. Otherwise a retrained network cannot
+        # reuse an old Lw anyway, since `amldist eval` keys its Lw cache to the network file's sha256
+        for run, _ in pending:
+            whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size, False).unlink(missing_ok=True)
     extractor = Extractor(s.data_root, s.test_image_size, [1.0], "cpu", batch_size=16, workers=0, ray_workers=0)
     args = argparse.Namespace(whitening=TRAIN_DATASET, data_root=s.data_root, distractors=None)
     teacher = load_net("teacher", teacher_run.best_checkpoint, "cpu")

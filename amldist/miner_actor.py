@@ -89,11 +89,9 @@ def build_search(backend: str, pool_vecs: np.ndarray) -> mining.SearchFn:
     """An exact inner-product top-k over `pool_vecs` (P, D) on the chosen backend."""
     if backend in ("torch-cuda", "torch-cpu"):
         return mining.torch_topk_search(pool_vecs, device="cuda" if backend == "torch-cuda" else "cpu")
-    from amldist.faiss_index import FlatIPIndex
+    from amldist.faiss_index import searcher
 
-    index = FlatIPIndex(pool_vecs.shape[1], use_gpu=backend == "faiss-gpu")
-    index.add(pool_vecs)
-    return index.search
+    return searcher(pool_vecs, use_gpu=backend == "faiss-gpu")
 
 
 class Miner:

@@ -117,6 +117,22 @@ def test_flat_index_accumulates_adds():
         np.testing.assert_allclose(scores[:, 0], np.max(db[:2] @ db.T, axis=1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_searcher_answers_like_a_flat_index(use_faiss):
+    rng = np.random.default_rng(3)
+    db = rng.standard_normal((40, 6)).astype(np.float32)
+    queries = rng.standard_normal((25, 6)).astype(np.float32)  # >= 20: faiss takes its BLAS path
+    search = faiss_index.searcher(db, use_faiss=use_faiss, use_gpu=False)
+    scores, ids = search(queries, 7)
+    expected = np.argsort(-(queries @ db.T), axis=1)[:, :7]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ db.T, expected, axis=1), rtol=1e-5)
+    assert search(queries[:3], 100)[1].shape == (3, 40)  # k capped at the database size
+    assert search(queries[:0], 5)[1].shape == (0, 5)
+    with pytest.raises(ValueError, match="dimension"):
+        search(queries[:, :4], 3)
+
+
 def test_distractors_push_positives_down():
     db = np.array([[1.0, 0.0], [0.0, 1.0]])
     query = np.array([[0.6, 0.8]])  # scores: db0 0.6, db1 0.8

@@ -137,19 +137,25 @@ def test_too_few_clusters_is_a_user_error():
         mining.sample_random_cluster_negatives(anchor_clusters, ids, clusters, 4, np.random.default_rng(0))
 
 
-def test_first_distinct_mask_equals_python_walk():
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_first_distinct_columns_equal_python_walk(count):
     rng = np.random.default_rng(7)
-    keys = rng.integers(0, 6, size=(50, 12))
-    forbidden = rng.integers(0, 6, size=50)
-    valid = rng.random((50, 12)) > 0.2
-    keep = mining.first_distinct_mask(keys, forbidden, valid)
-    for row in range(50):
-        seen = {forbidden[row]}
+    keys = rng.integers(0, 6, size=(200, 12))
+    forbidden = rng.integers(0, 6, size=200)
+    valid = rng.random((200, 12)) > 0.2
+    complete, columns = mining.first_distinct_columns(keys, forbidden, count, valid)
+    expected_rows = []
+    for row in range(200):
+        seen, accepted = {forbidden[row]}, []
         for col in range(12):
-            expected = bool(valid[row, col]) and keys[row, col] not in seen
-            if expected:
+            if valid[row, col] and keys[row, col] not in seen and len(accepted) < count:
                 seen.add(keys[row, col])
-            assert keep[row, col] == expected
+                accepted.append(col)
+        assert complete[row] == (len(accepted) == count)
+        if len(accepted) == count:
+            expected_rows.append(accepted)
+    assert complete.any() and (count < 5 or not complete.all())  # at 5 of 5 keys, some rows fall short
+    np.testing.assert_array_equal(columns, np.array(expected_rows).reshape(-1, count))
 
 
 def test_pool_and_queries_are_deterministic_per_seed_and_epoch():

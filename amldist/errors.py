@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user. The CLI prints its message as one line on stderr and exits 2."""
+
+
+# Exit code after Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT = 130

@@ -129,3 +129,38 @@ def test_errors_raised_inside_ray_become_one_line(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr("amldist.worker.run_training", failing)
     assert main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == "amldist: error: training failed: ValueError: the miner fell over\n"
+
+
+def interrupt_during_training(tmp_path, monkeypatch, storage, *, checkpoints: int = 0):
+    """Run `amldist train` with Ray Train ending the way its Ctrl-C handler ends it: SystemExit in the driver."""
+    name = "run"
+    if checkpoints:
+        fake_run(tmp_path / "r" / name, checkpoints)
+
+    def interrupted(*args, **kwargs):
+        raise SystemExit(1)
+
+    monkeypatch.setattr("amldist.cli.train.start_ray", lambda local: None)
+    monkeypatch.setattr("amldist.training.paths.resolve_paths", lambda config: None)
+    monkeypatch.setattr("amldist.worker.run_training", interrupted)
+    monkeypatch.setattr("amldist.cli.train.check_resume", lambda *args: None)
+    return main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", storage, "--name", name])
+
+
+def test_ctrl_c_during_training_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    assert interrupt_during_training(tmp_path, monkeypatch, str(tmp_path / "r"), checkpoints=2) == 130
+    err = capsys.readouterr().err
+    assert err == (f"amldist: training interrupted; its checkpoints are in {tmp_path / 'r' / 'run'}: "
+                   "the same command with --resume continues it\n")
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    assert interrupt_during_training(tmp_path, monkeypatch, str(tmp_path / "r")) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "before its first checkpoint" in err and "--name" in err
+
+
+def test_ctrl_c_with_a_storage_uri_points_at_the_uri(tmp_path, monkeypatch, capsys):
+    storage = f"file://{tmp_path / 'remote'}/"
+    assert interrupt_during_training(tmp_path, monkeypatch, storage) == 130
+    assert f"checkpoints are under file://{tmp_path / 'remote'}/run:" in capsys.readouterr().err

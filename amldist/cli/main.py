@@ -14,7 +14,7 @@ import sys
 
 from amldist import __version__
 from amldist.cli.common import Parser
-from amldist.errors import UserError
+from amldist.errors import INTERRUPTED_EXIT, UserError
 
 # Command modules, in the order `amldist --help` lists them.
 COMMAND_MODULES = (
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("amldist: interrupted\n")
-        return 130
+        return INTERRUPTED_EXIT
 
 
 def describe_os_error(err: OSError) -> str:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from amldist.cli.common import add_command, non_negative_int, positive_int, require
 from amldist.config import add_config_arguments, config_from_args, with_overrides
-from amldist.errors import UserError
+from amldist.errors import INTERRUPTED_EXIT, UserError
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,25 @@ def run(args: argparse.Namespace) -> int:
         # a worker's or the miner's error, or Ray Train refusing the run folder: the first cause, one line
         # (Ray has already logged the remote tracebacks)
         raise UserError(f"training failed: {_first_cause(err)}") from None
+    except SystemExit:
+        # Ray Train's own Ctrl-C handler aborts the run; the driver's wait for it then ends in SystemExit
+        sys.stderr.write(f"amldist: {interrupted_message(storage, name, local_run_dir(config, storage, name))}\n")
+        return INTERRUPTED_EXIT
     finally:
         ray.shutdown()
     print_summary(result, local_run_dir(config, storage, name), wandb_mode)
     return 0
+
+
+def interrupted_message(storage: str, name: str, run_dir: Path) -> str:
+    """What a stopped run left behind and how to go on from it."""
+    if "://" in str(storage):
+        return (f"training interrupted; its checkpoints are under {str(storage).rstrip('/')}/{name}: "
+                f"the same command with --resume continues it")
+    if not checkpoint_dirs(run_dir):
+        return (f"training interrupted before its first checkpoint, so there is nothing to resume: "
+                f"remove {run_dir} or pass --name to start again")
+    return f"training interrupted; its checkpoints are in {run_dir}: the same command with --resume continues it"
 
 
 def _first_cause(err: BaseException) -> str:

@@ -178,8 +178,8 @@ class Miner:
             if self.store is None:
                 raise UserError("asymmetric mining needs the teacher feature store; start the miner with one")
             if self._asym is None:
-                # (P, D) float16 rows read from the memory map; the index holds its own float32 copy,
-                # these stay half-size for the distance figure.
+                # (P, D) float16 rows read from the memory map; the search keeps a float32 copy (on the
+                # GPU for faiss-gpu / torch-cuda), these stay half-size for the distance figure.
                 half = np.asarray(self.store.features[self.pool_ids])
                 self._asym = (build_search(self.backend, half.astype(np.float32)), half)
             return self._asym

@@ -72,7 +72,8 @@ def default_search_k(num_negatives: int, pool_size: int) -> int:
 
 
 def faiss_flat_search(pool_vecs: np.ndarray) -> SearchFn:
-    """Exact inner-product search over `pool_vecs` (P, D): faiss flat index (GPU when faiss has one)."""
+    """Exact inner-product search over `pool_vecs` (P, D): faiss's kNN over the array itself on the CPU,
+    a flat index on the GPU when faiss has GPU support."""
     from amldist.faiss_index import searcher
 
     return searcher(pool_vecs)

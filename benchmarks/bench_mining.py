@@ -5,7 +5,8 @@ full sort of every ranking, per-query Python walk), and the miner's latency as t
 
 Part 1 mines 2000 anchors against a 22k pool, d=512 (the paper's epoch), both ways, and checks the
 answers agree. Part 2 times the miner (teacher store memory-mapped as float16) at pool sizes up to the
-largest that fits in memory: building the epoch's index, one epoch of 2000 anchors, one batch of 10.
+largest that fits in memory: gathering the epoch's pool (on a GPU, also copying it there), one epoch of
+2000 anchors, one batch of 10.
 With --device cuda both sides run on the GPU as they would there: the reference's product, sort and
 walk over GPU tensors (cirtorch keeps its vectors on the GPU), ours with the torch-cuda search backend
 (the miner's choice on a GPU without faiss-gpu), and the miner with that backend.
@@ -93,7 +94,7 @@ def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count, devic
 
 
 def ours(anchors, pool, pool_clusters, anchor_clusters, count, device="cpu"):
-    """Top-k search (faiss on the CPU; torch-cuda on the GPU, index build included) + vectorised filter."""
+    """Top-k search (faiss on the CPU; torch-cuda on the GPU, copying the pool there included) + vectorised filter."""
     search = mining.torch_topk_search(pool, device="cuda") if device == "cuda" else None
     return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters, count,
                                         search=search)
@@ -193,7 +194,7 @@ def print_tables(result: dict) -> None:
     print(f"floor: the float32 product alone takes {ref['product_floor_s']:.3f} s, so no exact float32 search "
           f"can be more than {ref['speedup_bound']:.1f}x faster than the reference here")
     print(f"\nMiner latency ({result['latency'][0]['backend'] if result['latency'] else '-'}), float16 store")
-    print(f"{'pool':>10}{'store MB':>10}{'index s':>10}{'epoch s':>10}{'batch ms':>10}")
+    print(f"{'pool':>10}{'store MB':>10}{'pool s':>10}{'epoch s':>10}{'batch ms':>10}")
     for row in result["latency"]:
         print(f"{row['pool']:>10}{row['store_mb']:>10.0f}{row['build_index_s']:>10.2f}"
               f"{row['epoch_2000_s']:>10.2f}{row['batch_10_ms']:>10.1f}")

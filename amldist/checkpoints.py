@@ -47,8 +47,7 @@ _NUMPY_GLOBALS = [
 
 
 # A damaged file can fail anywhere inside torch.load: zip directory, unpickler opcodes, storage records.
-# (whiten.load_whitening reads its cache files with the same net.)
-DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, ValueError, struct.error, KeyError, IndexError, TypeError,
+_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, ValueError, struct.error, KeyError, IndexError, TypeError,
                         AttributeError, zipfile.BadZipFile, OSError)
 
 
@@ -66,7 +65,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             raise UserError(f"{path}: refusing to load, the file holds pickled objects other than tensors, "
                             f"numbers, strings and numpy arrays ({refused})") from None
         raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
-    except DAMAGED_FILE_ERRORS as err:
+    except _DAMAGED_FILE_ERRORS as err:
         raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
 
 

@@ -16,7 +16,6 @@ Files hold plain tensors only ({'m': (D,), 'P': (D, D)} float64 + a small plain 
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from amldist.atomic import atomic_path
-from amldist.checkpoints import DAMAGED_FILE_ERRORS
+from amldist.checkpoints import safe_torch_load
 from amldist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -160,30 +159,16 @@ def _plain(meta: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(v, allowed) or (isinstance(v, (list, tuple)) and all(isinstance(x, allowed) for x in v))}
 
 
-def _numpy_array_globals() -> list:
-    """What weights_only loading must allow to rebuild plain numpy arrays (cirtorch saved Lw as numpy);
-    nothing here can run code: the arrays are rebuilt from dtype, shape and bytes."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-
-    dtypes = {type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int64, np.int32)}
-    # Files pickled under numpy 1.x name the function by its old module path.
-    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
-
-
 def load_whitening(path: str | Path) -> Whitening:
-    """Read a whitening file written by save_whitening or a cirtorch/aml {'m', 'P'} file."""
+    """Read a whitening file written by save_whitening or a cirtorch/aml {'m', 'P'} file (cirtorch saved
+    Lw as numpy arrays, which the checkpoints' weights-only loader accepts)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such whitening file: {path}")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, *DAMAGED_FILE_ERRORS) as err:
-        # corrupt or unsafe file: one clear line, no traceback (damage fails in as many ways as a checkpoint)
-        raise UserError(f"cannot read whitening file {path}: {str(err).splitlines()[0]}") from None
+        raw = safe_torch_load(path)
+    except UserError as err:  # corrupt or unsafe file: one clear line, no traceback
+        raise UserError(f"cannot read whitening file {err}") from None
     try:
         return whitening_from_dict(raw)
     except UserError as err:

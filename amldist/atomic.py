@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from amldist.errors import UserError
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -61,3 +63,16 @@ def is_temporary(path: str | os.PathLike) -> bool:
     """True for the leftovers of an interrupted atomic write (safe to delete)."""
     name = Path(path).name
     return name.startswith(".") and name.endswith(".tmp")
+
+
+def ensure_writable_dir(folder: Path, what: str) -> None:
+    """Create `folder` and write a probe file in it, so that an output on a read-only disk or under a
+    file is a UserError before any work, not an OSError after it."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {what} {folder}: {err.strerror or err}") from None

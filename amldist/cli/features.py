@@ -66,11 +66,11 @@ def compute_features(network: str | Path, split_dir: str | Path, out: str | Path
     computed with another teacher, size, scales or split; the CLI passes --force there, while training
     replaces its stale val store. A folder holding anything but a store is always refused.
     """
+    from amldist.atomic import ensure_writable_dir
     from amldist.checkpoints import load_network_file
     from amldist.cli.common import checked_device
     from amldist.feature_store import FeatureStore, file_sha256, write_feature_store
     from amldist.shards import read_manifest
-    from amldist.shards.manifest import ensure_writable_dir
 
     shards = read_manifest(split_dir)
     network, out = Path(network), Path(out)

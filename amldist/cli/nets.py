@@ -6,7 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
-from amldist.cli.common import add_command, add_group, existing_file, positive_int, require
+from amldist.cli.common import (
+    add_command,
+    add_group,
+    check_output_location,
+    existing_file,
+    positive_int,
+    require,
+)
 
 TEACHER_DIMS = {"vgg16": 512, "resnet101": 2048}
 
@@ -74,8 +81,6 @@ def run_export(args: argparse.Namespace) -> int:
 def _check_export_output(checkpoint: Path, output: Path, force: bool) -> None:
     """The export keeps only weights and meta, so writing it over a training checkpoint (above all the
     input itself) would silently drop its epoch, optimizer and config: existing files need --force."""
-    from amldist.cli.common import check_output_location
-
     check_output_location(output, "output")
     if output.exists():
         require(not os.path.samefile(output, checkpoint),

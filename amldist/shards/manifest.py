@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -120,19 +119,6 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if manifest["num_samples"] + manifest["num_skipped"] != manifest["num_images"]:
         return "num_samples + num_skipped differs from num_images"
     return None
-
-
-def ensure_writable_dir(folder: Path, what: str) -> None:
-    """Create `folder` and write a probe file in it, so that an output on a read-only disk or under a
-    file is a UserError before any work, not an OSError after it."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} {folder} exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write {what} {folder}: {err.strerror or err}") from None
 
 
 def find_split_dirs(path: str | Path) -> list[Path]:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from amldist import __version__
-from amldist.atomic import atomic_path, is_temporary
+from amldist.atomic import atomic_path, ensure_writable_dir, is_temporary
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
 from amldist.shards import manifest as mf
@@ -339,7 +339,7 @@ def _check_split_dir(split_dir: Path, params: SplitParams, force: bool) -> None:
         if theirs != (params.dataset, params.split) and not force:
             raise UserError(f"{split_dir} holds shards of {theirs[0]}/{theirs[1]}, not "
                             f"{params.dataset}/{params.split}; pass --force to replace them, or choose another --out")
-    mf.ensure_writable_dir(split_dir, "shard folder")
+    ensure_writable_dir(split_dir, "shard folder")
 
 
 def _choose_splits(name: str, splits: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

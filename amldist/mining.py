@@ -66,7 +66,7 @@ def default_search_k(num_negatives: int, pool_size: int) -> int:
     """First top-k to try: wide enough that almost every anchor finds its negatives in one search.
 
     64 for the usual 5 negatives: faiss's CPU search selects k >= 100 with a slower method (its
-    `distance_compute_min_k_reservoir`), and 64 leaves about 1 anchor in 1000 for a wider search.
+    `distance_compute_min_k_reservoir`), and 64 leaves few anchors for a wider search.
     """
     return int(min(pool_size, max(64, 12 * num_negatives)))
 

@@ -27,6 +27,7 @@ from amldist import mining
 from amldist.atomic import atomic_write_json
 from amldist.errors import UserError
 from amldist.feature_store import FeatureStore
+from amldist.node_cache import cached_copy
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class Miner:
         self.clusters = np.asarray(clusters, dtype=np.int64)  # (N,)
         self.pool_size = int(pool_size)
         self.backend = choose_backend(backend)
-        self.store = FeatureStore.open(store_dir, expected=expected) if store_dir else None
+        # A store URI: this node's checked copy (amldist.node_cache), memory-mapped like a local store.
+        self.store = FeatureStore.open(cached_copy(store_dir), expected=expected) if store_dir else None
         if self.store is not None and len(self.store) != len(self.clusters):
             raise UserError(f"the teacher feature store holds {len(self.store)} images, "
                             f"the training split {len(self.clusters)}")

@@ -187,3 +187,14 @@ def upload_tree(local_dir: str | os.PathLike, target: str, workers: int = 8) -> 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             total += sum(pool.map(lambda p: copy_file(p, join(target, *p.relative_to(root).parts)), batch))
     return len(files), total
+
+
+def storage_filesystem(location: str | os.PathLike):
+    """Ray Train's `RunConfig(storage_filesystem=...)` for run storage at `location`: the pyarrow
+    filesystem of a URI (with the endpoint settings above), None for a local or shared folder."""
+    return filesystem(location)[0] if is_uri(location) else None
+
+
+def storage_filesystem_path(location: str | os.PathLike) -> str:
+    """The matching `RunConfig(storage_path=...)`: the path inside `storage_filesystem(location)`."""
+    return filesystem(location)[1] if is_uri(location) else str(local_path(location).expanduser().resolve())

@@ -30,9 +30,11 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from amldist import node_cache
 from amldist.checkpoints import save_checkpoint
 from amldist.config import Config, config_from_dict, config_to_dict
 from amldist.miner_actor import start_miner
+from amldist.storage import storage_filesystem, storage_filesystem_path
 from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
@@ -81,7 +83,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     config = config_from_dict(loop_config["config"])
-    trainer = Trainer(config, TrainingPaths.from_dict(loop_config["paths"]),
+    paths = node_cache.localize(TrainingPaths.from_dict(loop_config["paths"]))  # URIs: this node's copies
+    trainer = Trainer(config, paths,
                       RemoteMiner(ray.get_actor(loop_config["miner"])), device=ray.train.torch.get_device(),
                       wrap=ray.train.torch.prepare_model, rank=rank, world_size=world_size)
     progress, restored = _restore(trainer, loop_config)
@@ -223,6 +226,7 @@ def run_training(config: Config | dict, *, storage: str, name: str, callbacks: l
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu),
             run_config=RunConfig(name=name, storage_path=_storage_path(storage), callbacks=callbacks,
+                                 storage_filesystem=storage_filesystem(storage),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                                  logging_config=ray.train.LoggingConfig(log_level="WARNING")))
@@ -243,7 +247,8 @@ def _warn_uneven_batch(batch_size: int, num_workers: int) -> None:
 
 
 def _storage_path(storage: str) -> str:
-    return storage if "://" in str(storage) else str(Path(storage).expanduser().resolve())
+    """An absolute folder, or for a URI the path inside `storage_filesystem(storage)` (no scheme)."""
+    return storage_filesystem_path(storage)
 
 
 def _single_node() -> bool:

@@ -14,6 +14,7 @@ holds everything in memory. Clients find it through the standard AWS variables i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -69,6 +70,7 @@ def loopback_s3(buckets: list[str] = (), port: int | None = None, set_environmen
         from moto.server import ThreadedMotoServer
     except ImportError:
         raise UserError("the loopback S3 server needs moto: pip install 'moto[server]' boto3") from None
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request at INFO
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

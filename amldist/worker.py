@@ -40,6 +40,7 @@ from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
 from amldist.training.paths import TrainingPaths, prepare_inputs
 from amldist.training.plan import busiest_rank_tuples, idle_share
+from amldist.training.remote_paths import WORKER_INPUTS
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 from amldist.wandb_log import RunLog
 
@@ -83,7 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     config = config_from_dict(loop_config["config"])
-    paths = node_cache.localize(TrainingPaths.from_dict(loop_config["paths"]))  # URIs: this node's copies
+    paths = node_cache.localize(TrainingPaths.from_dict(loop_config["paths"]), WORKER_INPUTS)  # URIs: node copies
     trainer = Trainer(config, paths,
                       RemoteMiner(ray.get_actor(loop_config["miner"])), device=ray.train.torch.get_device(),
                       wrap=ray.train.torch.prepare_model, rank=rank, world_size=world_size)

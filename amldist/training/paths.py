@@ -181,8 +181,10 @@ def prepare_inputs(config, num_feature_workers: int = 0) -> tuple[TrainingPaths,
     Runs once on the driver, before any trainer starts. Returns the paths and the training split's labels
     (read here anyway; the miner needs them)."""
     paths = resolve_paths(config)
+    from amldist.training.remote_paths import DRIVER_INPUTS
+
     # Inputs in an object store: this node's copies of what the driver reads (workers make their own).
-    local = node_cache.localize(paths, ("db_file", "train_store", "val_store"))
+    local = node_cache.localize(paths, DRIVER_INPUTS)
     train_labels, val_labels = read_labels(local)
     if local.train_store is not None:
         store = check_train_store(config, local, train_labels.num_images, student_dim(config))

@@ -22,6 +22,11 @@ from amldist.datasets import layout
 from amldist.errors import UserError
 from amldist.training.paths import TrainingPaths, default_store_dir, shards_command
 
+# The inputs each process reads (the miner reads the train store): the fields of TrainingPaths that
+# `amldist.node_cache.localize` turns into this node's copies when they are URIs.
+DRIVER_INPUTS = ("db_file", "train_store", "val_store")
+WORKER_INPUTS = ("db_file", "train_shards", "val_shards", "val_store")
+
 
 def uses_object_store(config) -> bool:
     data = config.data

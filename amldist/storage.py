@@ -132,11 +132,14 @@ def read_json(location: str | os.PathLike) -> Any:
 
 
 def open_stream(location: str | os.PathLike):
-    """A sequential binary stream of a file (a local file object, or pyarrow's input stream)."""
+    """A sequential binary stream of a file (a local file object, or pyarrow's input stream).
+
+    A store's stream is buffered: unbuffered, each small read (tarfile reads 10 KB at a time) would
+    be a GET of its own."""
     if not is_uri(location):
         return open(local_path(location).expanduser(), "rb")
     fs, path = filesystem(location)
-    return fs.open_input_stream(path)
+    return fs.open_input_stream(path, buffer_size=COPY_CHUNK)
 
 
 def open_ranged(location: str | os.PathLike):

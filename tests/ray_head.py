@@ -80,7 +80,7 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
                "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats",
                *[f"{flag}={port}" for flag, port in ports.items()]]
     try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        started = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
         if started.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
         yield Head(f"http://127.0.0.1:{ports['--dashboard-port']}", f"127.0.0.1:{ports['--port']}", env, temp_dir)

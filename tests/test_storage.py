@@ -126,3 +126,14 @@ def test_a_single_file_and_local_paths(uploaded, cache, tmp_path):
     storage.copy_file(split_dir(uploaded) / "db-000000.json", "s3://data/odd/manifest.json")  # a part record
     with pytest.raises(UserError, match="neither a shard split nor a teacher feature store"):
         node_cache.cached_copy("s3://data/odd")
+
+
+def test_the_upload_command_copies_a_folder_and_refuses_a_missing_bucket(uploaded, s3, capsys):
+    from amldist.cli.main import main
+
+    assert main(["data", "upload", str(split_dir(uploaded)), "s3://data/cli/db"]) == 0
+    assert "copied 10 files" in capsys.readouterr().out
+    assert ShardReader("s3://data/cli/db").read_bytes(2) == ShardReader(split_dir(uploaded)).read_bytes(2)
+    assert main(["data", "upload", str(split_dir(uploaded)), "s3://no-such-bucket/db"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot copy" in err[0] and "s3://no-such-bucket/db" in err[0]

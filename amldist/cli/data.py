@@ -1,4 +1,4 @@
-"""`amldist data ...`: download real datasets, synthesise landmark datasets, write WebDataset shards."""
+"""`amldist data ...`: download real datasets, synthesise landmark datasets, write WebDataset shards, upload."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ DATA_COMMAND_MODULES = (
     "amldist.cli.data_download",
     "amldist.cli.data_shards",
     "amldist.cli.data_synth",
+    "amldist.cli.data_upload",
 )
 
 

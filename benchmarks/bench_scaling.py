@@ -2,9 +2,11 @@
 
     python benchmarks/bench_scaling.py [--quick] [--dim 512] [--large 1000000]
 
-On the CPU (faiss), with clustered synthetic unit vectors like bench_mining's (one cluster per ~160
-images, anchors = pool images seen by a slightly different network), 2000 anchors, k = 64 (the
-miner's search width for 5 negatives):
+On the CPU (faiss), with synthetic unit vectors in clusters of ~160 images (`--data isotropic`:
+bench_mining's clusters in white noise, where neighbours barely stand out, the hard case for an
+index; `--data structured`: landmarks grouped into scene types in a space with a power-law spectrum,
+closer to CNN descriptors), anchors = a student's view of pool images (cosine ~0.9 to the teacher's
+vector), 2000 anchors, k = 64 (the miner's search width for 5 negatives):
 
 1. exact search (what the miner does: faiss's brute-force kNN over the float32 pool) at pools of
    22k (the paper's), 133k (all of SfM-120k), 250k (a quarter of 1M: one shard of a pool split
@@ -18,7 +20,7 @@ miner's search width for 5 negatives):
    measured as the pickled size of each call's arguments and answer with the real `Miner` (Ray sends
    numpy arrays as their raw buffers, so pickle protocol 5 counts the same bytes).
 
-Writes runs/bench/scaling.json. docs/SCALING.md extrapolates from it to 4M and to d = 2048.
+Writes runs/bench/scaling-<data>.json. docs/SCALING.md extrapolates from it to 4M and to d = 2048.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss
-from bench_mining import clustered_unit_vectors, noisy_anchors
+from bench_mining import IMAGES_PER_CLUSTER, clustered_unit_vectors
 
 from amldist import mining
 from amldist.feature_store import write_feature_store
@@ -106,6 +108,39 @@ def reranked_search(index, store16: np.ndarray, candidates: int) -> mining.Searc
     return search
 
 
+def structured_unit_vectors(num: int, dim: int, rng: np.random.Generator, chunk: int = 65536):
+    """(num, dim) float16 unit vectors with the structure of retrieval descriptors, and their clusters:
+    landmarks (~160 images each) grouped into scene types (~10 landmarks each: similar-looking places,
+    where hard negatives come from), in a space whose variance falls off with the dimension (a
+    power-law spectrum, as PCA of CNN descriptors shows) rather than spread evenly over all of it.
+    Within a landmark images sit at similarity ~0.8, across landmarks of one scene type at ~0.5."""
+    num_clusters = max(10, num // IMAGES_PER_CLUSTER)
+    spectrum = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5)[None]  # (1, D) per-axis scale
+    types = rng.standard_normal((max(2, num_clusters // 10), dim)).astype(np.float32)
+    centres = types[rng.integers(0, len(types), num_clusters)] + 0.8 * rng.standard_normal((num_clusters, dim),
+                                                                                           dtype=np.float32)
+    clusters = rng.integers(0, num_clusters, num)
+    vectors = np.empty((num, dim), np.float16)
+    for start in range(0, num, chunk):
+        part = centres[clusters[start:start + chunk]] + 0.5 * rng.standard_normal((len(clusters[start:start + chunk]),
+                                                                                   dim), dtype=np.float32)
+        part *= spectrum
+        vectors[start:start + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return vectors, clusters.astype(np.int64)
+
+
+DATA = {"isotropic": clustered_unit_vectors, "structured": structured_unit_vectors}
+
+
+def student_anchors(pool16: np.ndarray, count: int, rng: np.random.Generator, noise: float = 0.5):
+    """Anchors of a student that has learned the teacher's space: each a pool image's teacher vector
+    moved by noise of norm ~`noise` (cosine ~0.9 to it); returns (anchors (count, D), their pool rows)."""
+    picks = rng.choice(len(pool16), count, replace=False)
+    anchors = pool16[picks].astype(np.float32)
+    anchors += (noise / np.sqrt(anchors.shape[1])) * rng.standard_normal(anchors.shape, dtype=np.float32)
+    return anchors / np.linalg.norm(anchors, axis=1, keepdims=True), picks
+
+
 def exact_knn(anchors: np.ndarray, pool: np.ndarray, k: int = K):
     return faiss.knn(anchors, pool, k, metric=faiss.METRIC_INNER_PRODUCT)
 
@@ -121,7 +156,7 @@ def build(index, sample: np.ndarray, pool: np.ndarray) -> float:
 def exact_at(size: int, dim: int, rng) -> dict:
     pool16, _ = clustered_unit_vectors(size, dim, rng)
     pool = pool16.astype(np.float32)
-    anchors, _ = noisy_anchors(pool16, NUM_ANCHORS, rng)
+    anchors, _ = student_anchors(pool16, NUM_ANCHORS, rng)
     exact_knn(anchors[:50], pool)  # warm the threads
     seconds, _ = timed(lambda: exact_knn(anchors, pool))
     print(f"  exact {size:>9,}: {seconds:7.2f} s for {NUM_ANCHORS} anchors", flush=True)
@@ -129,10 +164,10 @@ def exact_at(size: int, dim: int, rng) -> dict:
             "epoch_search_s": seconds, "batch10_ms": 1000 * seconds * 10 / NUM_ANCHORS}
 
 
-def approximate_at(size: int, dim: int, rng, nprobes: list[int]) -> dict:
-    store16, clusters = clustered_unit_vectors(size, dim, rng)
+def approximate_at(size: int, dim: int, rng, nprobes: list[int], data: str) -> dict:
+    store16, clusters = DATA[data](size, dim, rng)
     pool = store16.astype(np.float32)
-    anchors, picks = noisy_anchors(store16, NUM_ANCHORS, rng)
+    anchors, picks = student_anchors(store16, NUM_ANCHORS, rng)
     anchor_clusters = clusters[picks]
     exact_s, (_, exact_ids) = timed(lambda: exact_knn(anchors, pool))
     print(f"  exact {size:>9,}: {exact_s:7.2f} s for {NUM_ANCHORS} anchors", flush=True)
@@ -182,7 +217,7 @@ def bytes_per_epoch(dim: int, pool_size: int, rng, workdir: Path) -> dict:
                                 architecture="bench", image_size=362, scales=[1.0], dataset="bench", split="train")
     miner = Miner(clusters, str(store.directory), pool_size=pool_size, backend="faiss-cpu")
     anchor_ids = rng.choice(num_images, NUM_ANCHORS, replace=False)
-    anchor_vecs, _ = noisy_anchors(store16[anchor_ids], NUM_ANCHORS, rng)
+    anchor_vecs, _ = student_anchors(store16[anchor_ids], NUM_ANCHORS, rng)
     def size(*objects) -> int:
         return sum(len(pickle.dumps(o, protocol=5)) for o in objects)
 
@@ -209,15 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (checks the benchmark works)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--large", type=int, default=None, help="the size of part 2 (default 1M; quick 20k)")
+    parser.add_argument("--data", choices=sorted(DATA), default="isotropic",
+                        help="part 2's vectors: isotropic (bench_mining's clusters in white noise, the hard case "
+                             "for an index) or structured (scene types, power-law spectrum)")
+    parser.add_argument("--sizes", default=None, help="comma list of part 1's pools ('' skips part 1)")
     args = parser.parse_args(argv)
     large = args.large or (20_000 if args.quick else 1_000_000)
     sizes = [2_000, 10_000] if args.quick else [22_000, 133_000, 250_000]
+    if args.sizes is not None:
+        sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
     nprobes = [8, 32] if args.quick else [8, 32, 128]
     rng = np.random.default_rng(0)
     print(f"exact search, d={args.dim}, {NUM_ANCHORS} anchors, k={K} (faiss threads: {faiss.omp_get_max_threads()})")
     exact = [exact_at(size, args.dim, rng) for size in sizes]
     print(f"approximate indexes at {large:,}")
-    approximate = approximate_at(large, args.dim, rng, nprobes)
+    approximate = approximate_at(large, args.dim, rng, nprobes, args.data)
     exact.append({"pool": large, "float16_mb": approximate["float16_mb"], "float32_mb": approximate["float32_mb"],
                   "epoch_search_s": approximate["exact_search_s"],
                   "batch10_ms": 1000 * approximate["exact_search_s"] * 10 / NUM_ANCHORS})
@@ -227,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"dim": args.dim, "anchors": NUM_ANCHORS, "k": K, "exact": exact, "approximate": approximate,
               "transfer": transfer, "quick": args.quick, "faiss": faiss.__version__, "cpus": os.cpu_count(),
               "python": platform.python_version(),
-              "command": "python benchmarks/bench_scaling.py" + (" --quick" if args.quick else "")}
-    out = ROOT / "runs" / "bench" / "scaling.json"
+              "data": args.data, "command": "python benchmarks/bench_scaling.py " + " ".join(argv or sys.argv[1:])}
+    out = ROOT / "runs" / "bench" / f"scaling-{args.data}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

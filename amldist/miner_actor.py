@@ -204,7 +204,8 @@ class MinerClient:
         return np.asarray(self._timed(self._miner.random_negatives, anchor_ids, num_negatives, rule, key))
 
     def teacher_vectors(self, ids: np.ndarray, split: str = "train") -> np.ndarray:
-        return np.asarray(self._timed(self._miner.teacher_vectors, ids, split), np.float32)
+        # a writable copy: arrays from Ray's object store are read-only, and torch wants to own its rows
+        return np.array(self._timed(self._miner.teacher_vectors, ids, split), np.float32)
 
     def stats(self) -> dict[str, Any]:
         return self._timed(self._miner.stats)

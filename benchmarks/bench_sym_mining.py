@@ -79,15 +79,14 @@ def run(num_ranks: int, num_anchors: int, pool_size: int, dim: int, repeats: int
     pool_ref = ray.put(pool)  # every rank holds the gathered pool already, in both designs
 
     @ray.remote(num_cpus=1)
-    def rank_via_actor(rank, pool, anchors, anchor_clusters, ready):
+    def rank_via_actor(rank, pool, anchors, anchor_clusters, after_rank_0):
+        # after_rank_0: rank 0's answer, so Ray starts the other ranks once rank 0 is done (the barrier)
         if rank == 0:
             ray.get(actor.set_pool.remote(pool, pool_ids, clusters))  # rank 0 ships the pool
-        else:
-            ray.get(ready)  # the barrier: the pool is there before the others ask
         return ray.get(actor.mine.remote(anchors, anchor_clusters))
 
     ranks_s, actor_s, same = [], [], True
-    for _ in range(repeats):
+    for round_index in range(repeats + 1):  # round 0 warms up: worker processes, imports, faiss threads
         started = time.perf_counter()
         local = ray.get([in_rank.remote(pool_ref, pool_ids, clusters, anchors[p], anchor_clusters[p]) for p in parts])
         ranks_s.append(time.perf_counter() - started)
@@ -98,6 +97,9 @@ def run(num_ranks: int, num_anchors: int, pool_size: int, dim: int, repeats: int
         remote = ray.get([first, *others])
         actor_s.append(time.perf_counter() - started)
         same &= all(np.array_equal(a, b) for a, b in zip(local, remote))
+        if round_index == 0:
+            ranks_s.clear()
+            actor_s.clear()
     ray.kill(actor)
     return {"ranks": num_ranks, "anchors": num_anchors, "pool": pool_size, "dim": dim, "repeats": repeats,
             "in_ranks_s": min(ranks_s), "via_actor_s": min(actor_s), "in_ranks_all_s": ranks_s,

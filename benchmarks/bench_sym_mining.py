@@ -14,7 +14,6 @@ Both give the same negatives (checked). The epoch: 2000 anchors against a 22k po
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amldist import mining, search  # noqa: E402
-from amldist.atomic import atomic_write_json  # noqa: E402
+from amldist import mining, search
+from amldist.atomic import atomic_write_json
 
 NUM_NEGATIVES = 5
 IMAGES_PER_CLUSTER = 160

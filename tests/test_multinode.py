@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from amldist.worker import run_training
+from amldist.driver import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")

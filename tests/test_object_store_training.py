@@ -19,8 +19,8 @@ from amldist.wandb_log import read_metrics
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto")
+from amldist.driver import run_training
 from amldist.loopback_s3 import loopback_s3
-from amldist.worker import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")

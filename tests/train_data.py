@@ -6,12 +6,12 @@ from pathlib import Path
 import torch
 
 from amldist.checkpoints import export_network_file
-from amldist.cli.features import compute_features
 from amldist.config import config_from_dict
 from amldist.nets import create_net
 from amldist.shards import shard_dataset
 from amldist.synth import presets as synth_presets
 from amldist.synth.writer import generate
+from amldist.teacher_features import compute_features
 from amldist.training.paths import default_store_dir, prepare_inputs
 
 IMAGE_SIZE = 64

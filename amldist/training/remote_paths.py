@@ -7,8 +7,8 @@
     amldist train --config tiny-student-contrplus-asym --set data.root=s3://bucket/data --storage s3://bucket/runs
 
 The checks here only look (a few small requests for the manifests); every node then copies what it
-reads into its own cache (`amldist.node_cache`): the driver the split pkl and the teacher stores, each
-worker also the shards, the miner the train store. The val teacher store must be in the store
+reads into its own cache (`amldist.node_cache`): the driver the split pkl and the teacher stores (it
+checks them), each worker the split pkl and the shards, the miner the teacher stores. The val teacher store must be in the store
 too: it cannot be computed into a place every node sees, so a missing one names the commands.
 """
 
@@ -22,10 +22,10 @@ from amldist.datasets import layout
 from amldist.errors import UserError
 from amldist.training.paths import TrainingPaths, default_store_dir, shards_command
 
-# The inputs each process reads (the miner reads the train store): the fields of TrainingPaths that
-# `amldist.node_cache.localize` turns into this node's copies when they are URIs.
+# The inputs each process reads (the miner reads both teacher stores and serves their rows): the fields
+# of TrainingPaths that `amldist.node_cache.localize` turns into this node's copies when they are URIs.
 DRIVER_INPUTS = ("db_file", "train_store", "val_store")
-WORKER_INPUTS = ("db_file", "train_shards", "val_shards", "val_store")
+WORKER_INPUTS = ("db_file", "train_shards", "val_shards")
 
 
 def uses_object_store(config) -> bool:

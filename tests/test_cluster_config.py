@@ -40,7 +40,7 @@ def test_the_aws_cluster_passes_rays_validation_and_has_the_three_node_types():
     assert trainers["min_workers"] == 0 < trainers["max_workers"]  # scales with demand
     assert types["miner"]["resources"] == {"miner": 1} and types["miner"]["max_workers"] == 1
     # The miner actor asks for exactly the resource this node type offers.
-    assert miner_options({"GPU": 9, **types["miner"]["resources"]})["resources"] == types["miner"]["resources"]
+    assert miner_options({"GPU": 9, **types["miner"]["resources"]}, "miner")["resources"] == types["miner"]["resources"]
     assert raw["file_mounts"] == {"~/amldist": "."}
     assert any('amldist[gpu]' in command for command in raw["setup_commands"])
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")  # the versions amldist pins
@@ -52,7 +52,7 @@ def test_the_local_pool_passes_rays_validation_and_its_head_offers_the_miner_res
     assert config["provider"]["type"] == "local"
     start = " ".join(raw["head_start_ray_commands"])
     offered = json.loads(re.search(r"--resources='([^']*)'", start).group(1))
-    assert miner_options({"GPU": 1, **offered})["resources"] == offered == {"miner": 1}
+    assert miner_options({"GPU": 1, **offered}, "miner")["resources"] == offered == {"miner": 1}
     assert all("amldist-venv/bin" in c for c in raw["head_start_ray_commands"][1:] + raw["worker_start_ray_commands"][1:])
     assert any('amldist[gpu]' in command for command in raw["setup_commands"])
 

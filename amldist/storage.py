@@ -172,7 +172,8 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> int:
 
 
 def upload_tree(local_dir: str | os.PathLike, target: str, workers: int = 8) -> tuple[int, int]:
-    """Copy every file under `local_dir` to the same relative paths under `target`; (files, bytes).
+    """Copy every file under `local_dir` to the same relative paths under `target` (a single file: to
+    `target`); returns (files, bytes).
 
     A folder's manifest.json goes after the other files of its folder, so a reader that finds the
     manifest finds what it names (readers treat the manifest as the commit point, as on disk).
@@ -180,8 +181,10 @@ def upload_tree(local_dir: str | os.PathLike, target: str, workers: int = 8) -> 
     from concurrent.futures import ThreadPoolExecutor
 
     root = local_path(local_dir).expanduser()
+    if root.is_file():  # one file: to `target` itself
+        return 1, copy_file(root, target)
     if not root.is_dir():
-        raise UserError(f"{local_dir} is not a folder")
+        raise UserError(f"{local_dir} is neither a folder nor a file")
     files = sorted(p for p in root.rglob("*") if p.is_file())
     manifests = [p for p in files if p.name == "manifest.json"]
     others = [p for p in files if p.name != "manifest.json"]

@@ -16,9 +16,9 @@ vector), 2000 anchors, k = 64 (the miner's search width for 5 negatives):
    (what a miner holding the store memory-mapped can do), each with its build time, bytes, search
    time, recall@10 / recall@64 of the exact top-k, and the share of anchors whose 5 hard negatives
    (the miner's walk over the top 64: distinct clusters, never the anchor's) are the exact search's;
-3. bytes moved between the workers and the miner in one epoch (2000 anchors, 5 negatives, pool 22k),
-   measured as the pickled size of each call's arguments and answer with the real `Miner` (Ray sends
-   numpy arrays as their raw buffers, so pickle protocol 5 counts the same bytes).
+3. bytes moved between the workers and the miner in one asymmetric epoch (2000 anchors, 5 negatives,
+   pool 22k), measured as the pickled size of each call's arguments and answer with the real `Miner`
+   (Ray sends numpy arrays as their raw buffers, so pickle protocol 5 counts the same bytes).
 
 Writes runs/bench/scaling-<data>.json. docs/SCALING.md extrapolates from it to 4M and to d = 2048.
 """
@@ -210,33 +210,32 @@ def approximate_at(size: int, dim: int, rng, nprobes: list[int], data: str) -> d
 
 
 def bytes_per_epoch(dim: int, pool_size: int, rng, workdir: Path) -> dict:
-    """Pickled bytes of each miner call of one asym (and sym) epoch, with the real Miner."""
+    """Pickled bytes of each miner call of one asymmetric epoch, with the real Miner (all ranks together:
+    the ranks split the anchors, and the bytes with them)."""
     num_images = max(pool_size * 4, 50_000)
-    store16, clusters = clustered_unit_vectors(num_images, dim, rng)
+    store16, clusters = DATA["structured"](num_images, dim, rng)
     store = write_feature_store(workdir / "store", store16, network="bench", network_sha256="0" * 64,
                                 architecture="bench", image_size=362, scales=[1.0], dataset="bench", split="train")
     miner = Miner(clusters, str(store.directory), pool_size=pool_size, backend="faiss-cpu")
     anchor_ids = rng.choice(num_images, NUM_ANCHORS, replace=False)
     anchor_vecs, _ = student_anchors(store16[anchor_ids], NUM_ANCHORS, rng)
+
     def size(*objects) -> int:
         return sum(len(pickle.dumps(o, protocol=5)) for o in objects)
 
     calls = {}
     pool_ids = miner.new_epoch(0, 0)
     calls["new_epoch"] = {"sent": size(0, 0), "received": size(pool_ids)}
-    negatives, distance = miner.mine(anchor_ids, anchor_vecs, NUM_NEGATIVES)
-    calls["mine_asym"] = {"sent": size(anchor_ids, anchor_vecs, NUM_NEGATIVES), "received": size((negatives, distance))}
+    answer = miner.hard_negatives(anchor_ids, anchor_vecs, NUM_NEGATIVES)
+    calls["hard_negatives"] = {"sent": size(anchor_ids, anchor_vecs, NUM_NEGATIVES), "received": size(answer)}
     positives = rng.choice(num_images, NUM_ANCHORS)
-    teacher_ids = np.unique(np.concatenate([positives, negatives.ravel()]))
+    teacher_ids = np.unique(np.concatenate([anchor_ids, positives, answer[0].ravel()]))  # what asym tuples read
     vectors = miner.teacher_vectors(teacher_ids)
     calls["teacher_vectors"] = {"sent": size(teacher_ids), "received": size(vectors), "rows": len(teacher_ids)}
-    pool_vecs = np.zeros((len(pool_ids), dim), np.float32)  # sym: the students' pool, sent once per epoch
-    calls["mine_sym_pool"] = {"sent": size(anchor_ids, anchor_vecs, NUM_NEGATIVES, "sym", pool_vecs),
-                              "received": size((negatives, distance))}
-    asym = sum(c["sent"] + c["received"] for k, c in calls.items() if k != "mine_sym_pool")
-    sym = calls["new_epoch"]["sent"] + calls["new_epoch"]["received"] + sum(calls["mine_sym_pool"].values())
+    total = sum(c["sent"] + c["received"] for c in calls.values())
     return {"dim": dim, "pool": pool_size, "anchors": NUM_ANCHORS, "negatives": NUM_NEGATIVES, "calls": calls,
-            "asym_epoch_mb": asym / 2**20, "sym_epoch_mb": sym / 2**20}
+            "asym_epoch_mb": total / 2**20,
+            "sym_pool_gather_mb": pool_size * dim * 4 / 2**20}  # sym: the ranks gather the pool's student vectors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,28 +247,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="part 2's vectors: isotropic (bench_mining's clusters in white noise, the hard case "
                              "for an index) or structured (scene types, power-law spectrum)")
     parser.add_argument("--sizes", default=None, help="comma list of part 1's pools ('' skips part 1)")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     args = parser.parse_args(argv)
     large = args.large or (20_000 if args.quick else 1_000_000)
     sizes = [2_000, 10_000] if args.quick else [22_000, 133_000, 250_000]
     if args.sizes is not None:
         sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
     nprobes = [8, 32] if args.quick else [8, 32, 128]
+    parts = {p.strip() for p in args.parts.split(",")}
     rng = np.random.default_rng(0)
-    print(f"exact search, d={args.dim}, {NUM_ANCHORS} anchors, k={K} (faiss threads: {faiss.omp_get_max_threads()})")
-    exact = [exact_at(size, args.dim, rng) for size in sizes]
-    print(f"approximate indexes at {large:,}")
-    approximate = approximate_at(large, args.dim, rng, nprobes, args.data)
-    exact.append({"pool": large, "float16_mb": approximate["float16_mb"], "float32_mb": approximate["float32_mb"],
-                  "epoch_search_s": approximate["exact_search_s"],
-                  "batch10_ms": 1000 * approximate["exact_search_s"] * 10 / NUM_ANCHORS})
-    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
-        transfer = bytes_per_epoch(args.dim, 5_000 if args.quick else 22_000, rng, Path(tmp))
-    print(f"bytes per epoch with the miner: asym {transfer['asym_epoch_mb']:.1f} MB, sym {transfer['sym_epoch_mb']:.1f} MB")
+    exact, approximate, transfer = [], None, None
+    if "1" in parts:
+        print(f"exact search, d={args.dim}, {NUM_ANCHORS} anchors, k={K} (faiss threads: {faiss.omp_get_max_threads()})")
+        exact = [exact_at(size, args.dim, rng) for size in sizes]
+    if "2" in parts:
+        print(f"approximate indexes at {large:,} ({args.data} vectors)")
+        approximate = approximate_at(large, args.dim, rng, nprobes, args.data)
+        exact.append({"pool": large, "float16_mb": approximate["float16_mb"], "float32_mb": approximate["float32_mb"],
+                      "epoch_search_s": approximate["exact_search_s"],
+                      "batch10_ms": 1000 * approximate["exact_search_s"] * 10 / NUM_ANCHORS})
+    if "3" in parts:
+        with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+            transfer = bytes_per_epoch(args.dim, 5_000 if args.quick else 22_000, rng, Path(tmp))
+        print(f"bytes per asym epoch between the workers and the miner: {transfer['asym_epoch_mb']:.1f} MB")
     result = {"dim": args.dim, "anchors": NUM_ANCHORS, "k": K, "exact": exact, "approximate": approximate,
               "transfer": transfer, "quick": args.quick, "faiss": faiss.__version__, "cpus": os.cpu_count(),
               "python": platform.python_version(),
               "data": args.data, "command": "python benchmarks/bench_scaling.py " + " ".join(argv or sys.argv[1:])}
-    out = ROOT / "runs" / "bench" / f"scaling-{args.data}.json"
+    name = args.data if parts >= {"1", "2", "3"} else f"{args.data}-parts{''.join(sorted(parts))}"
+    out = ROOT / "runs" / "bench" / f"scaling-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

@@ -40,7 +40,10 @@ sleep 3
 # 1. Data: synthesise, shard, upload (a real dataset: `amldist data download`, then the same two steps).
 [ -f data/synth-tiny/synth.json ] || step amldist data synth --root data/synth-tiny --preset tiny
 step amldist data shards --root data/synth-tiny --dataset retrieval-SfM-120k --image-size 128 --splits train,val
-step env AWS_ENDPOINT_URL=$ENDPOINT "${CREDENTIALS[@]}" amldist data upload data/synth-tiny s3://amldist-data/synth-tiny
+# Only what training reads: the split pkl and the shards (asym runs: features/ too), not the images.
+PKL=train/retrieval-SfM-120k/retrieval-SfM-120k.pkl
+step env AWS_ENDPOINT_URL=$ENDPOINT "${CREDENTIALS[@]}" amldist data upload data/synth-tiny/$PKL s3://amldist-data/synth-tiny/$PKL
+step env AWS_ENDPOINT_URL=$ENDPOINT "${CREDENTIALS[@]}" amldist data upload data/synth-tiny/shards s3://amldist-data/synth-tiny/shards
 
 # 2. The cluster (stand-in for `ray up cluster/ray_cluster.yaml`): no AWS variables in its environment,
 #    so the job below reaches the bucket only through its runtime env.

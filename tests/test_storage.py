@@ -134,6 +134,8 @@ def test_the_upload_command_copies_a_folder_and_refuses_a_missing_bucket(uploade
     assert main(["data", "upload", str(split_dir(uploaded)), "s3://data/cli/db"]) == 0
     assert "copied 10 files" in capsys.readouterr().out
     assert ShardReader("s3://data/cli/db").read_bytes(2) == ShardReader(split_dir(uploaded)).read_bytes(2)
+    assert main(["data", "upload", str(split_dir(uploaded) / "index.npy"), "s3://data/cli/one.npy"]) == 0
+    assert "copied 1 files" in capsys.readouterr().out and storage.is_file("s3://data/cli/one.npy")
     assert main(["data", "upload", str(split_dir(uploaded)), "s3://no-such-bucket/db"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot copy" in err[0] and "s3://no-such-bucket/db" in err[0]

@@ -11,10 +11,12 @@ from amldist.errors import UserError
 
 def register(data_subparsers) -> None:
     parser = add_command(data_subparsers, "upload",
-                         "copy a folder (data root, shards, teacher features) to an s3:// / gs:// URI or path; "
-                         "manifests go last", run)
-    parser.add_argument("source", help="local folder, e.g. data/ or data/shards/retrieval-SfM-120k-362")
-    parser.add_argument("target", help="where it goes, e.g. s3://bucket/amldist/data (the same relative paths below)")
+                         "copy a folder (data root, shards, teacher features) or a file to an s3:// / gs:// URI or "
+                         "path; manifests go last", run)
+    parser.add_argument("source", help="local folder or file, e.g. data/shards or data/train/retrieval-SfM-120k/"
+                                       "retrieval-SfM-120k.pkl")
+    parser.add_argument("target", help="where it goes, e.g. s3://bucket/amldist/data/shards (a folder keeps its "
+                                       "relative paths below it)")
     parser.add_argument("--workers", type=positive_int, default=8, help="files copied at once (default 8)")
 
 

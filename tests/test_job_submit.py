@@ -41,7 +41,7 @@ def wait_for(client: JobSubmissionClient, job_id: str, timeout_s: float) -> JobS
 def test_ray_job_submit_runs_amldist_train_unchanged(tmp_path):
     root = make_train_data(tmp_path / "data")
     config = tmp_path / "run.yaml"
-    config.write_text(config_to_yaml(make_config(root, "contrastive_plus", epochs=1)))
+    config.write_text(config_to_yaml(make_config(root, "contrastive_plus", epochs=1, num_workers=1)))
     storage = tmp_path / "runs"
     with ray_head(num_cpus=2, extra_env=HEAD_ENV) as head:
         submit = subprocess.run(

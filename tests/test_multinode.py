@@ -70,7 +70,7 @@ def wait_until(condition, timeout_s: float, what: str):
     raise TimeoutError(f"gave up waiting for {what} after {timeout_s} s")
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600, method="thread")  # a hard bound: Ray blocks the signal method
 def test_placement_on_the_miner_node_and_recovery_from_a_lost_trainer_node(cluster, tmp_path):
     nodes, miner_node, trainers = cluster
     root = make_train_data(tmp_path / "data")

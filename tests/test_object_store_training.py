@@ -67,7 +67,7 @@ def test_inputs_in_the_bucket_are_checked_there(bucket, tmp_path):
         resolve_paths(missing)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600, method="thread")  # a hard bound: Ray blocks the signal method
 def test_a_run_reads_the_bucket_writes_checkpoints_there_and_resumes(bucket, tmp_path):
     root, s3, cache = bucket
     first = run_training(remote_config(root, tmp_path, 1), storage="s3://runs/exp", name="s3run", max_failures=0)

@@ -15,7 +15,7 @@ set -euo pipefail
 OUT=${1:-runs/cluster-rehearsal}
 mkdir -p "$OUT"
 free_port() { python -c "from amldist.loopback_s3 import free_port; print(free_port())"; }
-S3_PORT=$(free_port); GCS_PORT=$(free_port); DASH_PORT=$(free_port)
+S3_PORT=$(free_port); GCS_PORT=$(free_port); DASH_PORT=$(free_port); AGENT_PORT=$(free_port)
 RAY_TEMP=$(mktemp -d /tmp/amlrehearsal.XXXXXX)   # short: Ray's socket paths live below it
 ENDPOINT=http://127.0.0.1:$S3_PORT
 CREDENTIALS=(AWS_ACCESS_KEY_ID=amldist-test AWS_SECRET_ACCESS_KEY=amldist-test AWS_REGION=us-east-1)
@@ -49,8 +49,10 @@ step env AWS_ENDPOINT_URL=$ENDPOINT "${CREDENTIALS[@]}" amldist data upload data
 #    so the job below reaches the bucket only through its runtime env.
 step env RAY_TMPDIR="$RAY_TEMP" RAY_AUTH_MODE=disabled ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus 2 --num-gpus 0 --temp-dir "$RAY_TEMP" \
-    --disable-usage-stats
+    --dashboard-agent-listen-port "$AGENT_PORT" --disable-usage-stats
 export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
+# `ray start` returns before the dashboard agent listens; the job server needs it to take a submission.
+until python -c "import socket; socket.create_connection(('127.0.0.1', $AGENT_PORT), 1)" 2>/dev/null; do sleep 1; done
 
 # 3. The job: the local command, submitted; data and checkpoints in the bucket.
 ENV_JSON="{\"env_vars\": {\"AWS_ENDPOINT_URL\": \"$ENDPOINT\", \"AWS_ACCESS_KEY_ID\": \"amldist-test\", \"AWS_SECRET_ACCESS_KEY\": \"amldist-test\", \"AWS_REGION\": \"us-east-1\", \"WANDB_MODE\": \"offline\", \"AMLDIST_CACHE\": \"$PWD/$OUT/node-cache\"}}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,18 @@ def stop_head(temp_dir: str, grace_s: float = 10.0) -> None:
     _signal_all(own_processes(temp_dir), signal.SIGKILL)
 
 
+def wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s") from None
+            time.sleep(0.5)
+
+
 @contextmanager
 def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
     # Short: Ray's unix sockets live below it and socket paths are limited to ~107 bytes.
@@ -83,6 +96,9 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
         started = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
         if started.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
+        # `ray start` returns before the dashboard agent listens, and the job server hands every submission
+        # to an agent ("No available agent to submit job" until then): wait for the head to be ready.
+        wait_for_port(ports["--dashboard-agent-listen-port"], timeout_s=120)
         yield Head(f"http://127.0.0.1:{ports['--dashboard-port']}", f"127.0.0.1:{ports['--port']}", env, temp_dir)
     finally:
         stop_head(temp_dir)

@@ -18,7 +18,8 @@ def register(data_subparsers) -> None:
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS),
                         help="dataset size: tiny (~1.8k images, 512 px), small (~7.9k, 1024 px), "
                              "medium (~36k, 1024 px); micro is for tests")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed; same seed and preset, same bytes")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="random seed; same seed and preset, same bytes")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="rendering processes (default: all CPU cores)")
     parser.add_argument("--overwrite", action="store_true",

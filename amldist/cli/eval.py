@@ -34,16 +34,19 @@ MAX_SCALE_TEXT = 200
 MAX_EXPONENT = 64.0
 MAX_SCALE = 4.0
 # --out may replace only a results file of ours: a JSON object with the keys `run` writes.
-RESULTS_KEYS = frozenset({"network", "teacher", "datasets", "scales", "image_size", "whitening", "distractors",
-                          "results"})
+RESULTS_KEYS = frozenset({"network", "teacher", "datasets", "scales", "image_size", "whitening",
+                          "distractors", "results"})
 MAX_RESULTS_BYTES = 16 << 20  # results are a few kB; anything bigger is some other file
 
 
 def register(subparsers) -> None:
-    parser = add_command(subparsers, "eval", "evaluate a network on ROxford5k/RParis6k (sym and asym testing)", run)
+    parser = add_command(subparsers, "eval",
+                         "evaluate a network on ROxford5k/RParis6k (sym and asym testing)", run)
     parser.add_argument("--network", "--network-path", "-npath", required=True, type=existing_file,
                         help="student (or any) network: amldist checkpoint or cirtorch/aml network file")
-    parser.add_argument("--teacher", type=existing_file, default=None, help="teacher network file: adds the teacher's own rows, and is the database network of --asym")
+    parser.add_argument("--teacher", type=existing_file, default=None,
+                        help="teacher network file: adds the teacher's own rows, "
+                             "and is the database network of --asym")
     parser.add_argument("--asym", action="store_true",
                         help="also test asymmetrically: student queries against the teacher's database")
     parser.add_argument("--datasets", "-d", default="roxford5k,rparis6k",

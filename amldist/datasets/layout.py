@@ -53,7 +53,8 @@ def train_images_dir(root: str | Path, name: str) -> Path:
 
 
 def train_images_link(root: str | Path, name: str) -> Path:
-    """The ims/ entry inside a training dataset's own folder (for SfM-30k, cirtorch's symlink to SfM-120k's)."""
+    """The ims/ entry inside a training dataset's own folder (for SfM-30k, cirtorch's symlink to
+    SfM-120k's)."""
     return train_dir(root, name) / "ims"
 
 

@@ -252,12 +252,13 @@ def _build_manifest(parts: list[dict[str, Any]], skipped: list[dict[str, Any]], 
             "quality": source["quality"], "source": source, "shards": shards,
             "num_images": num_images, "num_samples": sum(p["count"] for p in parts),
             "num_skipped": len(skipped), "total_bytes": sum(p["bytes"] for p in parts),
-            "index_file": mf.INDEX_NAME, "index_columns": list(mf.INDEX_COLUMNS), "index_sha256": index_sha256,
-            "skipped": skipped, "num_shards": len(shards)}
+            "index_file": mf.INDEX_NAME, "index_columns": list(mf.INDEX_COLUMNS),
+            "index_sha256": index_sha256, "skipped": skipped, "num_shards": len(shards)}
 
 
 def _finish_split(split_dir: Path, parts: list[dict[str, Any]],
-                  probe_skips: list[dict[str, Any]], source: dict[str, Any], num_images: int) -> dict[str, Any]:
+                  probe_skips: list[dict[str, Any]], source: dict[str, Any],
+                  num_images: int) -> dict[str, Any]:
     """Write index.npy, then the manifest (last): together they say the split is complete."""
     width = len(mf.INDEX_COLUMNS)
     # Converted shard by shard: 1M samples as one list of Python lists would cost several hundred MB.
@@ -316,7 +317,8 @@ def shard_split(records: list[formats.ImageRecord], root: Path, split_dir: Path,
 def _check_arguments(root: Path, image_size: int, quality: int, shard_count: int, shard_bytes: int) -> None:
     if not root.is_dir():
         raise UserError(f"no such data root: {root}")
-    for name, value in (("image size", image_size), ("shard count", shard_count), ("shard bytes", shard_bytes)):
+    for name, value in (("image size", image_size), ("shard count", shard_count),
+                        ("shard bytes", shard_bytes)):
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(quality, int) or not 1 <= quality <= 100:
@@ -338,7 +340,8 @@ def _check_split_dir(split_dir: Path, params: SplitParams, force: bool) -> None:
         theirs = (old.get("dataset"), old.get("split"))
         if theirs != (params.dataset, params.split) and not force:
             raise UserError(f"{split_dir} holds shards of {theirs[0]}/{theirs[1]}, not "
-                            f"{params.dataset}/{params.split}; pass --force to replace them, or choose another --out")
+                            f"{params.dataset}/{params.split}; pass --force to replace them, "
+                            "or choose another --out")
     ensure_writable_dir(split_dir, "shard folder")
 
 

@@ -129,14 +129,16 @@ def render_tasks(root: Path, seed: int, image_max_side: int, tasks: list[ViewTas
                 raise
 
 
-def render_landmark(root: str, seed: int, image_max_side: int, spec: LandmarkSpec, tasks: list[ViewTask]) -> int:
+def render_landmark(root: str, seed: int, image_max_side: int, spec: LandmarkSpec,
+                    tasks: list[ViewTask]) -> int:
     """Worker: draw the landmark's scene once, photograph each view, write each JPEG atomically."""
     landmark = make_landmark(seed, spec)
     scene = render_scene(seed, landmark, image_max_side)
     box = landmark.box()
     for task in tasks:
         view = sample_view(seed, spec.landmark_id, task.view_id, task.kind, box, image_max_side)
-        atomic_write_bytes(Path(root) / task.path, photograph(seed, scene, view, box, spec.landmark_id, task.view_id))
+        atomic_write_bytes(Path(root) / task.path,
+                           photograph(seed, scene, view, box, spec.landmark_id, task.view_id))
     return len(tasks)
 
 
@@ -145,7 +147,8 @@ def _write_lists(root: Path, plan: Plan) -> None:
     formats.write_whiten_db(layout.whiten_db_path(root, TRAIN_NAME), plan.whiten)
     for name, truth in plan.gnd.items():
         formats.write_gnd(layout.gnd_path(root, name), truth)
-    atomic_write_text(layout.distractor_list_path(root, DISTRACTOR_NAME), "".join(f"{line}\n" for line in plan.distractors))
+    atomic_write_text(layout.distractor_list_path(root, DISTRACTOR_NAME),
+                      "".join(f"{line}\n" for line in plan.distractors))
 
 
 def _progress_disabled() -> bool:

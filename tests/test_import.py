@@ -13,8 +13,14 @@ import pytest
 from PIL import Image
 
 from amldist.cli.main import main
-from amldist.datasets import formats, layout
-from amldist.datasets.importing import ImportOptions, RunSettings, import_folders, import_gldv2, read_gldv2_csv
+from amldist.datasets import formats
+from amldist.datasets.importing import (
+    ImportOptions,
+    RunSettings,
+    import_folders,
+    import_gldv2,
+    read_gldv2_csv,
+)
 from amldist.datasets.importing.pairs import cycle_pairs, whiten_pairs
 from amldist.errors import UserError
 from amldist.synth import generate

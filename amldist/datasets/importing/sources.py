@@ -20,8 +20,11 @@ import numpy as np
 from amldist.errors import UserError
 
 GLDV2_ID = re.compile(r"[0-9a-f]{16}")
+GLDV2_IDS = re.compile(r"[0-9a-f]*")  # a chunk of ids joined together (its length is checked apart)
+CHUNK_ROWS = 1 << 16
 GLDV2_PER_IMAGE = ("id", "landmark_id")  # train.csv: id,url,landmark_id (Kaggle 2020: id,landmark_id)
 GLDV2_PER_LANDMARK = ("landmark_id", "images")  # train_clean.csv: landmark_id,"id id id ..."
+MAX_FIELD_CHARS = 1 << 30
 
 
 def _hidden(name: str) -> bool:
@@ -131,9 +134,13 @@ def list_gldv2(csv_path: str | Path, images: str | Path) -> Gldv2Source:
 
 def read_gldv2_csv(path: str | Path) -> tuple[str, np.ndarray, np.ndarray]:
     """(format, ids (N,) uint64, landmark ids (N,) int64) of a GLDv2 train.csv or train_clean.csv, streamed:
-    one CSV row at a time into two growing arrays of machine integers."""
+    rows are read one at a time and converted a chunk at a time into two growing arrays of machine integers,
+    so memory is 16 bytes per image plus one chunk of row texts."""
     path = Path(path)
     ids, landmarks = array("Q"), array("q")
+    # A train_clean.csv row holds all ids of a landmark (17 characters each): more than csv's default
+    # field limit of 131072 characters for landmarks of over 7,700 images. The limit is process-wide.
+    field_limit = csv.field_size_limit(MAX_FIELD_CHARS)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
@@ -155,32 +162,69 @@ def read_gldv2_csv(path: str | Path) -> tuple[str, np.ndarray, np.ndarray]:
         raise UserError(f"{path}: not a UTF-8 text file") from None
     except csv.Error as err:
         raise UserError(f"{path}: not a readable CSV file ({err})") from None
+    finally:
+        csv.field_size_limit(field_limit)
     return csv_format, np.frombuffer(ids, np.uint64), np.frombuffer(landmarks, np.int64)
+
+
+class _Rows:
+    """Collects (id text, landmark text, line) of up to CHUNK_ROWS rows, then converts them in bulk: one
+    regular-expression match and one hex decode for all ids of the chunk, one numpy parse of the landmarks.
+    Only a chunk that fails is looked at row by row, to name the first bad line."""
+
+    def __init__(self, path: Path, ids: array, landmarks: array):
+        self.path, self.ids, self.landmarks = path, ids, landmarks
+        self.id_texts: list[str] = []
+        self.landmark_texts: list[str] = []
+        self.lines: list[int] = []
+
+    def add(self, image_id: str, landmark: str, line: int) -> None:
+        self.id_texts.append(image_id)
+        self.landmark_texts.append(landmark)
+        self.lines.append(line)
+        if len(self.id_texts) >= CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.id_texts:
+            return
+        joined = "".join(self.id_texts)
+        if len(joined) != 16 * len(self.id_texts) or GLDV2_IDS.fullmatch(joined) is None:
+            for text, line in zip(self.id_texts, self.lines):
+                _image_id(text, self.path, line)
+        self.ids.frombytes(np.frombuffer(bytes.fromhex(joined), ">u8").astype(np.uint64).tobytes())
+        try:
+            values = np.array(self.landmark_texts, dtype=np.int64)
+            valid = values.min() >= 0
+        except (ValueError, OverflowError):
+            valid = False
+        if not valid:
+            values = np.array([_landmark_id(t, self.path, n) for t, n in zip(self.landmark_texts, self.lines)])
+        self.landmarks.frombytes(values.astype(np.int64).tobytes())
+        self.id_texts, self.landmark_texts, self.lines = [], [], []
 
 
 def _read_per_image(reader, id_column: int, landmark_column: int, ids: array, landmarks: array,
                     path: Path) -> None:
     width = max(id_column, landmark_column) + 1
+    rows = _Rows(path, ids, landmarks)
     for row in reader:
-        if not row:
-            continue
-        if len(row) < width:
+        if len(row) >= width:
+            rows.add(row[id_column], row[landmark_column], reader.line_num)
+        elif row:
             raise UserError(f"{path}:{reader.line_num}: expected {width} or more fields, found {len(row)}")
-        ids.append(_image_id(row[id_column], path, reader.line_num))
-        landmarks.append(_landmark_id(row[landmark_column], path, reader.line_num))
+    rows.flush()
 
 
 def _read_per_landmark(reader, ids: array, landmarks: array, path: Path) -> None:
+    rows = _Rows(path, ids, landmarks)
     for row in reader:
-        if not row:
-            continue
-        if len(row) < 2:
+        if len(row) >= 2:
+            for token in row[1].split():
+                rows.add(token, row[0], reader.line_num)
+        elif row:
             raise UserError(f"{path}:{reader.line_num}: expected landmark_id,images, found {len(row)} field(s)")
-        landmark = _landmark_id(row[0], path, reader.line_num)
-        before = len(ids)
-        for token in row[1].split():
-            ids.append(_image_id(token, path, reader.line_num))
-        landmarks.extend([landmark] * (len(ids) - before))
+    rows.flush()
 
 
 def _image_id(text: str, path: Path, line: int) -> int:

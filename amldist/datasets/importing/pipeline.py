@@ -190,15 +190,22 @@ def _assemble(state: ImageState, options: ImportOptions, why: str):
 
 
 def _write_lists(source, state: ImageState, splits: dict, root: Path, name: str) -> None:
-    rows = []
-    for split in ("train", "val"):
-        positions = state.split_of[split]
-        for position, cid, name_ in zip(positions, splits[split].cids, source.names(positions)):
-            cluster = int(state.landmark[position])
-            rows.append([cid, split, cluster, source.landmark_label(cluster), name_])
-    output.write_tsv(output.images_list_path(root, name), ["cid", "split", "cluster", "landmark", "source"], rows)
+    output.write_tsv(output.images_list_path(root, name), ["cid", "split", "cluster", "landmark", "source"],
+                     _kept_rows(source, state, splits))
     output.write_tsv(output.skipped_list_path(root, name), ["source", "landmark", "reason", "detail"],
                      _skipped_rows(source, state))
+
+
+def _kept_rows(source, state: ImageState, splits: dict):
+    """Rows made a round of images at a time, so the list costs no Python objects per image."""
+    step = CHUNK_IMAGES * JOBS_PER_ROUND
+    for split in ("train", "val"):
+        positions, cids = state.split_of[split], splits[split].cids
+        for first in range(0, len(positions), step):
+            part = positions[first:first + step]
+            for position, cid, name_ in zip(part, cids[first:first + step], source.names(part)):
+                cluster = int(state.landmark[position])
+                yield [cid, split, cluster, source.landmark_label(cluster), name_]
 
 
 def _skipped_rows(source, state: ImageState):

@@ -6,7 +6,8 @@ by the one-machine writer (1 process, all CPUs) against N Ray workers.
 1. CSV: a GLDv2-style train.csv of N rows (16-hex ids, URLs, landmark ids; default 1M) parsed by
    `read_gldv2_csv` into two integer arrays, against the reference `list(csv.DictReader(f))` (one dict
    of three strings per row, what a short script does) and the floor of counting the file's lines; rows/s
-   (best of 3 interleaved rounds) and the peak memory tracemalloc sees while parsing. The same ids as train_clean.csv too.
+   (best of 3 interleaved rounds) and the peak memory tracemalloc sees while parsing. The same ids as
+   train_clean.csv too.
 2. Import: M distinct ~640x480 JPEGs in GLDv2's a/b/c/<id>.jpg tree (default 600, 8 per landmark), imported
    by `import_gldv2` with 1 process and with all CPUs (read, digest, decode at 1/8, hard link), against the
    reference of reading and fully decoding each image in one process (PIL open + load) and the floor of

@@ -11,12 +11,14 @@ import pytest
 import yaml
 
 from amldist.cli.main import main
+from amldist.datasets.importing import ImportOptions, RunSettings, import_folders
 from amldist.shards import shard_dataset
 from amldist.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "my-landmarks"
 IMAGE_SIZE = 64
+IMPORTED = ImportOptions(min_side=16, val_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,8 @@ def imported_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("own")
     generate(root, "micro", seed=0, workers=1, layout_name="folders")
     assert main(["data", "import", "--images", str(root / "landmarks"), "--root", str(root), "--name", NAME,
-                 "--min-side", "16", "--val-fraction", "0.25", "--workers", "0"]) == 0
+                 "--min-side", str(IMPORTED.min_side), "--val-fraction", str(IMPORTED.val_fraction),
+                 "--workers", "0"]) == 0
     assert main(["data", "shards", "--root", str(root), "--dataset", NAME, "--image-size", str(IMAGE_SIZE),
                  "--workers", "0"]) == 0
     return root
@@ -40,9 +43,19 @@ def test_synth_layouts_are_part_of_the_root_identity(imported_root, capsys):
 
 
 @pytest.mark.slow
-def test_ray_workers_write_the_same_shards_as_local_processes(imported_root, tmp_path):
-    manifests = shard_dataset(imported_root, NAME, out=tmp_path / "ray", image_size=IMAGE_SIZE, splits=["train"],
-                              ray_workers=2, shard_count=8)  # several shards, so both workers write
+def test_ray_workers_import_and_shard_the_same_bytes_as_local_processes(imported_root, tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:  # one Ray for both steps (each joins a running Ray instead of starting its own)
+        import_folders(imported_root / "landmarks", tmp_path / "data", NAME, IMPORTED, RunSettings(ray_workers=2))
+        manifests = shard_dataset(imported_root, NAME, out=tmp_path / "ray", image_size=IMAGE_SIZE,
+                                  splits=["train"], ray_workers=2, shard_count=8)  # several shards for 2 workers
+    finally:
+        ray.shutdown()
+    for suffix in (".pkl", "-whiten.pkl", "-images.tsv"):
+        ours = tmp_path / "data" / "train" / NAME / f"{NAME}{suffix}"
+        assert ours.read_bytes() == (imported_root / "train" / NAME / f"{NAME}{suffix}").read_bytes()
     local = tmp_path / "local"
     shard_dataset(imported_root, NAME, out=local, image_size=IMAGE_SIZE, splits=["train"], workers=0, shard_count=8)
     for split, manifest in manifests.items():

@@ -86,16 +86,18 @@ def run_import(source: FolderSource | Gldv2Source, root: Path, name: str, option
     identity = {"importer": output.IMPORTER, "format_version": output.RECORD_VERSION, "name": name,
                 "source": source.identity(), "options": asdict(options)}
     redo = output.prepare_target(root, name, identity, settings.overwrite)
-    output.write_record(root, name, {**identity, "complete": False})
     state = ImageState.for_source(source)
     with open_runner(settings.workers, settings.ray_workers) as runner:
         _check_all(source, state, options.min_side, runner)
         _require_found(source, state)
         state.mark_duplicates(source)
         state.mark_small_landmarks(options.min_per_landmark)
+        _require_landmarks(source, state, options)  # bad input ends here, before anything is written
+        output.write_record(root, name, {**identity, "complete": False})
         stored = _store_kept(source, state, root, name, settings.copy, runner)
     dropped_after_store = state.mark_small_landmarks(options.min_per_landmark)
-    splits, whiten = _assemble(state, options, _landmark_counts_text(source, state, options))
+    _require_landmarks(source, state, options)  # images that changed during the store may have cost some
+    splits, whiten = _assemble(state, options)
     formats.write_sfm_db(layout.train_db_path(root, name), splits)
     formats.write_whiten_db(layout.whiten_db_path(root, name), whiten)
     _write_lists(source, state, splits, root, name)
@@ -159,21 +161,21 @@ def _store_kept(source, state: ImageState, root: Path, name: str, copy: bool, ru
             "copied": int(np.sum(outcome == checks.COPIED))}
 
 
-def _landmark_counts_text(source, state: ImageState, options: ImportOptions) -> str:
-    """Why too few landmarks are left, for the error that says so."""
-    skipped = state.reason_counts()
-    parts = [f"{count} {key.replace('_', ' ')}" for key, count in skipped.items() if count]
-    return (f"{len(source)} images listed{': ' + ', '.join(parts) if parts else ''}; landmarks need "
-            f"--min-per-landmark {options.min_per_landmark} usable images each")
+def _require_landmarks(source, state: ImageState, options: ImportOptions) -> None:
+    """Two landmarks at least (one for train, one for val), else an error that says why there are fewer."""
+    count = len(np.unique(state.landmark[state.kept()]))
+    if count >= 2:
+        return
+    skipped = [f"{n} {key.replace('_', ' ')}" for key, n in state.reason_counts().items() if n]
+    raise UserError(f"{count} landmark(s) left, an imported set needs at least 2 (one for train, one for val); "
+                    f"{len(source)} images listed{': ' + ', '.join(skipped) if skipped else ''}; landmarks need "
+                    f"--min-per-landmark {options.min_per_landmark} usable images each")
 
 
-def _assemble(state: ImageState, options: ImportOptions, why: str):
+def _assemble(state: ImageState, options: ImportOptions):
     """The train/val splits (val = whole landmarks) with their pairs, and the whitening db."""
     kept = state.kept()
     landmarks = np.unique(state.landmark[kept])
-    if len(landmarks) < 2:
-        raise UserError(f"{len(landmarks)} landmark(s) left, an imported set needs at least 2 (one for train, "
-                        f"one for val); {why}")
     in_val = np.isin(state.landmark[kept], pairs.choose_val_landmarks(landmarks, options.val_fraction, options.seed))
     rng = pairs.rng_for(options.seed, pairs.PAIR_DRAW)
     splits, members = {}, {}

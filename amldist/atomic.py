@@ -7,12 +7,15 @@ under the final name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from amldist.errors import UserError
 
@@ -57,6 +60,23 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(target, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def json_ready(value: Any, digits: int | None = None) -> Any:
+    """`value` as standard JSON can hold it: NaN and infinities (e.g. a mAP with no query to score)
+    become null, numpy scalars plain numbers, floats rounded to `digits` when given; dicts, lists and
+    tuples are walked."""
+    if isinstance(value, dict):
+        return {key: json_ready(item, digits) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item, digits) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return value if digits is None else round(value, digits)
+    return value
 
 
 def is_temporary(path: str | os.PathLike) -> bool:

@@ -7,3 +7,9 @@ class UserError(Exception):
 
 # Exit code after Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT = 130
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a UserError (one line, exit 2) unless `condition` holds."""
+    if not condition:
+        raise UserError(message)

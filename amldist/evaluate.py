@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from amldist import faiss_index
+from amldist.search import search
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +28,19 @@ REVISITED_SETTINGS = ("easy", "medium", "hard")
 OLD_SETTING = "old"
 
 
-def rank_database(db: np.ndarray, queries: np.ndarray, topk: int | None = None,
-                  use_faiss: bool | None = None) -> np.ndarray:
+def rank_database(db: np.ndarray, queries: np.ndarray, topk: int | None = None) -> np.ndarray:
     """Exact ranking by inner product: (Q, N) database indices, or (Q, topk) when topk is given."""
     k = len(db) if topk is None else min(int(topk), len(db))
-    _, ids = faiss_index.search(db, queries, k, use_faiss=use_faiss)  # (Q, k)
+    _, ids = search(db, queries, k)  # (Q, k)
     return ids
 
 
 def rank_with_distractors(db: np.ndarray, distractors: np.ndarray, queries: np.ndarray,
-                          topk: int | None = None, use_faiss: bool | None = None) -> np.ndarray:
+                          topk: int | None = None) -> np.ndarray:
     """Rank test db + distractors together (+R1M). Distractor j gets database index len(db) + j,
     which no ground-truth list mentions, so the metrics need no other change."""
     combined = np.concatenate([np.asarray(db, np.float32), np.asarray(distractors, np.float32)])  # (N + M, D)
-    return rank_database(combined, queries, topk=topk, use_faiss=use_faiss)
+    return rank_database(combined, queries, topk=topk)
 
 
 def compute_ap(positions: np.ndarray, num_positives: int) -> float:

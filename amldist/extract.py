@@ -358,3 +358,15 @@ def _run(model, loader, count: int, scales: list[float], device: torch.device,
             out[positions] = vectors
             bar.update(len(positions))
     return out
+
+
+def checked_device(device: str | None) -> str:
+    """--device: None = cuda when a GPU is visible, else cpu; a GPU asked for but absent, or an unknown
+    device, is one line before any work."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no GPU is visible")
+    return device

@@ -17,11 +17,11 @@ with a wider k, so the result is the same as the full walk.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 
 from amldist.errors import UserError
+from amldist.search import SearchFn, faiss_backend, searcher
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ DISTANCE_EPS = 1e-6  # cirtorch adds it inside the L2 distance of its health fig
 
 # Independent random streams of one epoch, so drawing one never shifts another.
 QUERY_STREAM, POOL_STREAM, RANDOM_STREAM = 0, 1, 2
+# Rules for random negatives (`draw_random_negatives`).
+RANDOM_CLUSTERS, RANDOM_EXAMPLES = "clusters", "uniform"
+RANDOM_RULES = (RANDOM_CLUSTERS, RANDOM_EXAMPLES)
 
-# search(anchors (Q, D), k) -> (scores (Q, k), positions into the pool (Q, k), -1 where missing),
-# each row sorted by decreasing inner product.
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
@@ -57,6 +57,11 @@ def sample_pool(num_images: int, pool_size: int, rng: np.random.Generator) -> np
     return rng.permutation(num_images)[: min(pool_size, num_images)].astype(np.int64)
 
 
+def epoch_pool(num_images: int, pool_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's negative pool (P,) image ids, drawn from (seed, epoch): the miner and every rank agree."""
+    return sample_pool(num_images, pool_size, epoch_rng(seed, epoch, POOL_STREAM))
+
+
 def _require_positive(value: int, message: str) -> None:
     if value <= 0:
         raise UserError(message)
@@ -69,41 +74,6 @@ def default_search_k(num_negatives: int, pool_size: int) -> int:
     `distance_compute_min_k_reservoir`), and 64 leaves few anchors for a wider search.
     """
     return int(min(pool_size, max(64, 12 * num_negatives)))
-
-
-def faiss_flat_search(pool_vecs: np.ndarray) -> SearchFn:
-    """Exact inner-product search over `pool_vecs` (P, D): faiss's kNN over the array itself on the CPU,
-    a flat index on the GPU when faiss has GPU support."""
-    from amldist.faiss_index import searcher
-
-    return searcher(pool_vecs)
-
-
-def torch_topk_search(pool_vecs: np.ndarray, device: str = "cuda", max_scores: int = 1 << 28) -> SearchFn:
-    """Exact inner-product top-k by a float32 matrix product in torch, for a GPU without faiss-gpu.
-
-    The pool (P, D) is copied to `device` once; queries go through in chunks so that no more than
-    `max_scores` scores (1 GiB of float32 by default) exist at a time.
-    """
-    import torch
-
-    pool = torch.as_tensor(np.asarray(pool_vecs, dtype=np.float32), device=device)  # (P, D)
-
-    def search(anchors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(int(k), len(pool))
-        chunk = max(1, max_scores // max(1, len(pool)))
-        scores, positions = [], []
-        with torch.no_grad():
-            for start in range(0, len(anchors), chunk):
-                block = torch.as_tensor(np.asarray(anchors[start:start + chunk], dtype=np.float32), device=device)
-                top = torch.topk(block @ pool.T, k, dim=1, largest=True, sorted=True)  # (B, k)
-                scores.append(top.values.cpu().numpy())
-                positions.append(top.indices.cpu().numpy().astype(np.int64))
-        if not scores:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate(scores), np.concatenate(positions)
-
-    return search
 
 
 def select_hard_negatives(anchor_vecs: np.ndarray, pool_vecs: np.ndarray, pool_ids: np.ndarray,
@@ -119,7 +89,7 @@ def select_hard_negatives(anchor_vecs: np.ndarray, pool_vecs: np.ndarray, pool_i
     """
     anchor_vecs, pool_ids, pool_clusters, anchor_clusters = _check_mining_inputs(
         anchor_vecs, pool_vecs, pool_ids, pool_clusters, anchor_clusters, num_negatives)
-    search = search or faiss_flat_search(pool_vecs)
+    search = search or searcher(pool_vecs, faiss_backend())
     positions = _search_with_widening(search, anchor_vecs, pool_clusters, anchor_clusters, num_negatives,
                                       search_k or default_search_k(num_negatives, len(pool_ids)))
     negatives = pool_ids[positions]  # (Q, N)
@@ -243,6 +213,20 @@ def sample_random_cluster_negatives(anchor_clusters: np.ndarray, pool_ids: np.nd
     _require_positive(num_negatives, f"number of negatives must be > 0, got {num_negatives}")
     _require_enough_clusters(pool_clusters, anchor_clusters, num_negatives)
     return _draw_distinct(pool_ids, pool_clusters, anchor_clusters, num_negatives, rng)
+
+
+def draw_random_negatives(rule: str, anchor_ids: np.ndarray, pool_ids: np.ndarray, clusters: np.ndarray,
+                          count: int, seed: int, epoch: int, key: int) -> np.ndarray:
+    """Random negatives (Q, count) of `anchor_ids` from the epoch's pool `pool_ids`, by `rule`:
+    RANDOM_CLUSTERS (aml's ts_rand: distinct clusters, never the anchor's; labelled losses) or
+    RANDOM_EXAMPLES (distinct images, never the anchor; the unlabelled losses). `clusters` (N,) of every
+    image; (seed, epoch, key) pick the random stream, so a repeated call gives the same answer."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), RANDOM_STREAM, int(key)]))
+    if rule == RANDOM_CLUSTERS:
+        return sample_random_cluster_negatives(clusters[anchor_ids], pool_ids, clusters[pool_ids], count, rng)
+    if rule == RANDOM_EXAMPLES:
+        return sample_random_examples(anchor_ids, pool_ids, count, rng)
+    raise UserError(f"unknown random-negative rule {rule!r}; choose from {', '.join(RANDOM_RULES)}")
 
 
 def _draw_distinct(values: np.ndarray, keys: np.ndarray, forbidden: np.ndarray, count: int,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from amldist.atomic import atomic_write_text
+from amldist.atomic import atomic_write_text, json_ready
 from amldist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,14 +40,6 @@ def resolve_mode(requested: str | None, enabled_in_config: bool) -> str:
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -103,7 +94,7 @@ class RunLog:
         return None if self.run is None else Path(self.run.dir).parent
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        record = {"epoch": int(epoch), **{key: _json_safe(value) for key, value in metrics.items()}}
+        record = {"epoch": int(epoch), **json_ready(metrics)}
         with open(self.metrics_path, "a") as handle:  # one line per epoch; a torn last line is dropped on resume
             handle.write(json.dumps(record) + "\n")
             handle.flush()

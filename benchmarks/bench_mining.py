@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from amldist import mining
 from amldist.feature_store import write_feature_store
 from amldist.miner_actor import Miner
+from amldist.search import torch_topk_search
 
 IMAGES_PER_CLUSTER = 160  # SfM-120k: about 91k training images in a few hundred 3D models
 NUM_NEGATIVES = 5
@@ -95,7 +96,7 @@ def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count, devic
 
 def ours(anchors, pool, pool_clusters, anchor_clusters, count, device="cpu"):
     """Top-k search (faiss on the CPU; torch-cuda on the GPU, copying the pool there included) + vectorised filter."""
-    search = mining.torch_topk_search(pool, device="cuda") if device == "cuda" else None
+    search = torch_topk_search(pool, device="cuda") if device == "cuda" else None
     return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters, count,
                                         search=search)
 
@@ -166,15 +167,15 @@ def miner_latency(pool_size: int, dim: int, workdir: Path, backend: str = "auto"
     miner = Miner(clusters, str(store_dir), pool_size=pool_size, backend=backend)
     started = time.perf_counter()
     miner.new_epoch(0, seed=0)
-    miner.mine(picks[:1], anchors[:1], NUM_NEGATIVES)  # the first call of an epoch builds the index
+    miner.hard_negatives(picks[:1], anchors[:1], NUM_NEGATIVES)  # the first call of an epoch builds the index
     build = time.perf_counter() - started
     started = time.perf_counter()
-    miner.mine(picks, anchors, NUM_NEGATIVES)
+    miner.hard_negatives(picks, anchors, NUM_NEGATIVES)
     epoch = time.perf_counter() - started
     batch_times = []
     for start in range(0, 200, 10):
         began = time.perf_counter()
-        miner.mine(picks[start:start + 10], anchors[start:start + 10], NUM_NEGATIVES)
+        miner.hard_negatives(picks[start:start + 10], anchors[start:start + 10], NUM_NEGATIVES)
         batch_times.append(time.perf_counter() - began)
     return {"pool": pool_size, "dim": dim, "backend": miner.backend, "store_mb": pool_size * dim * 2 / 2**20,
             "build_index_s": build, "epoch_2000_s": epoch, "batch_10_ms": 1000 * float(np.median(batch_times))}

@@ -63,7 +63,7 @@ def main() -> None:
     imports = {module: import_seconds(module) for module in (MODULES[:1] if args.quick else MODULES)}
 
     from amldist.atomic import atomic_write_json
-    from amldist.cli.train import start_ray
+    from amldist.driver import start_ray
 
     started = time.perf_counter()
     start_ray(True)

@@ -33,15 +33,14 @@ import torch
 
 from amldist.losses import TupleBatch, build_loss
 from amldist.nets import create_net
+from amldist.training.family import LabelledTuples
 from amldist.training.optim import set_train_mode
-from amldist.training.plan import LABELLED, TupleSpec
+from amldist.training.plan import StepTuples
 from amldist.training.step import (
     StepSettings,
-    StepTuples,
     TupleEmbedder,
     VectorTable,
     loss_and_backward,
-    student_image_ids,
 )
 
 OUT = Path("runs/bench/train.json")
@@ -84,9 +83,9 @@ def reference_step(net, loss_fn, tuples: StepTuples, images, teacher: VectorTabl
         loss_fn(TupleBatch(anchors=anchor, positives=positives, negatives=negatives)).sum().backward()
 
 
-def ours_step(net, loss_fn, spec, tuples, images, teacher, settings) -> None:
-    chosen = [images[int(i)] for i in student_image_ids(spec, tuples)]
-    loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, chosen, teacher, settings)
+def ours_step(net, loss_fn, family, tuples, images, teacher, settings) -> None:
+    chosen = [images[int(i)] for i in family.student_image_ids(tuples)]
+    loss_and_backward(TupleEmbedder(net), loss_fn, family, tuples, chosen, teacher, settings)
 
 
 def approaches(mode: str, device: torch.device, cpu_bf16: bool) -> list[tuple[str, dict]]:
@@ -127,8 +126,8 @@ def time_approach(mode, options, tuples, images, teacher, device, steps) -> floa
     set_train_mode(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     asym = mode == "asym"
-    spec = TupleSpec(LABELLED, asym=asym, num_positives=NUM_POSITIVES, num_negatives=NUM_NEGATIVES,
-                     use_self=False, mining="hard")
+    family = LabelledTuples(asym=asym, num_positives=NUM_POSITIVES, num_negatives=NUM_NEGATIVES,
+                            use_self=False, mining="hard")
     loss_fn = build_loss("contrastive")
     use_teacher = teacher if asym and not options.get("all_images") else None
     best = float("inf")
@@ -139,7 +138,7 @@ def time_approach(mode, options, tuples, images, teacher, device, steps) -> floa
         if options.get("reference"):
             reference_step(net, loss_fn, tuples, images, use_teacher, device)
         else:
-            ours_step(net, loss_fn, spec, tuples, images, teacher if asym else None, settings)
+            ours_step(net, loss_fn, family, tuples, images, teacher if asym else None, settings)
         optimizer.step()
         _sync(device)
         best = min(best, time.perf_counter() - started)

@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amldist.config import apply_overrides, config_from_dict, parse_set, preset_dict
+from amldist.config import load_config
 from amldist.errors import UserError
-from amldist.miner_actor import Miner
+from amldist.miner_actor import Miner, MinerClient
 from amldist.training.epoch import Trainer
 from amldist.training.paths import prepare_inputs
 from amldist.training.state import Progress
@@ -67,9 +67,10 @@ def ddp_wrapper(device: torch.device):
 def train(config, device: torch.device) -> list[dict]:
     paths, train_labels = prepare_inputs(config)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    miner = Miner(train_labels.clusters, paths.train_store, pool_size=config.mining.pool_size,
+    miner = Miner(train_labels.clusters, paths.train_store, paths.val_store, pool_size=config.mining.pool_size,
                   backend=config.mining.backend)
-    trainer = Trainer(config, paths, miner, device=device, wrap=ddp_wrapper(device), rank=rank, world_size=world_size)
+    trainer = Trainer(config, paths, MinerClient(miner), device=device, wrap=ddp_wrapper(device), rank=rank,
+                      world_size=world_size)
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # one log under torchrun
     say(f"device {device}, miner backend {miner.backend}, autocast {trainer.settings.amp_dtype}, "
           f"channels-last {trainer.settings.channels_last}, process group {dist.get_backend()} x {world_size}",
@@ -92,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
     args = parser.parse_args(argv)
     try:
-        overrides = [parse_set(text) for text in args.overrides]
-        if args.epochs is not None:
-            overrides.append(("run.epochs", args.epochs))
-        config = config_from_dict(apply_overrides(preset_dict(args.config), overrides))
+        config = load_config(args.config, args.overrides,
+                             {"run.epochs": args.epochs} if args.epochs is not None else None)
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: torch sees no CUDA device here")

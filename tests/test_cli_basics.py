@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,25 @@ def test_an_operating_system_error_is_one_line_naming_the_path(tmp_path, monkeyp
     monkeypatch.setattr("amldist.cli.data_synth.generate", read_only)
     assert main(["data", "synth", "--root", str(tmp_path / "s"), "--preset", "tiny"]) == 2
     assert capsys.readouterr().err == "amldist: error: /ro/out: Permission denied\n"
+
+
+def test_no_module_outside_cli_imports_a_command():
+    """The library never imports the application (open_clip's split): every `import amldist.cli...` or
+    `from amldist.cli... import` of the package sits in amldist/cli/ itself."""
+    import ast
+
+    import amldist
+
+    package = Path(amldist.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            if any(name == "amldist.cli" or name.startswith("amldist.cli.") for name in names):
+                offenders.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert len(list(package.rglob("*.py"))) > 50  # the walk saw the package
+    assert not offenders, offenders

@@ -28,8 +28,9 @@ from amldist.config import (
     presets_dir,
     with_overrides,
 )
+from amldist.config.resolve import DEFAULT_MINING, default_lr
 from amldist.errors import UserError
-from amldist.losses import LOSSES, TupleLoss, default_lr
+from amldist.losses import LABELLED, LOSSES, TupleLoss
 from amldist.nets import OUTPUT_CHANNELS
 
 PRESETS = list_presets()
@@ -81,10 +82,10 @@ def test_paper_presets_carry_the_section_4_1_settings(name):
     spec = LOSSES[config.loss.name]
     if config.model.teacher is not None:
         assert config.model.projection_dim == TEACHER_DIMS[config.model.teacher]
-    if spec.uses_labels:  # hard negatives; Table 2's rows without negatives mine nothing
+    if spec.family == LABELLED:  # hard negatives; Table 2's rows without negatives mine nothing
         assert config.mining.kind == ("none" if config.loss.use_negatives is False else "hard")
     else:
-        assert config.mining.kind == spec.default_mining
+        assert config.mining.kind == DEFAULT_MINING[spec.family]
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n.count("-") >= 2 and n.split("-")[1] in ("vgg16", "r101")
@@ -335,10 +336,12 @@ def test_teacher_may_be_a_network_file():
 
 
 def test_choices_match_the_modules_they_name():
-    from amldist.config.resolve import MINER_BACKENDS
-    from amldist.miner_actor import BACKENDS
+    from amldist.search import BACKENDS
 
-    assert MINER_BACKENDS == BACKENDS
+    for backend in BACKENDS:  # the config accepts exactly the search module's back-ends
+        assert config_from_dict({"mining": {"backend": backend}}).mining.backend == backend
+    with pytest.raises(UserError, match="mining.backend"):
+        config_from_dict({"mining": {"backend": "torch-cpu"}})
     assert set(TEACHER_DIMS) == {"vgg16", "resnet101"}
     assert all(OUTPUT_CHANNELS[name] == dim for name, dim in TEACHER_DIMS.items())
 

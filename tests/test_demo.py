@@ -14,7 +14,7 @@ from amldist.demo import embeddings, plots
 from amldist.demo.pipeline import STAGES, force_set
 from amldist.demo.report import Figure, ReportContent, RunSummary, StageTiming, write_report
 from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, demo_settings
-from amldist.demo.stages import run_config, train_argv
+from amldist.demo.stages import run_config
 from amldist.demo.table import (
     TableRow,
     format_markdown,
@@ -232,12 +232,18 @@ def test_force_names_and_groups():
         force_set(["nope"])
 
 
-def test_each_run_goes_through_the_train_parser_with_the_demo_overrides(tmp_path):
+def test_each_run_is_what_amldist_train_builds_with_the_demo_overrides(tmp_path):
+    from amldist.cli.main import build_parser
+    from amldist.cli.train import config_of
+
     settings = demo_settings("micro", data_root=tmp_path / "root", runs_dir=tmp_path / "runs",
                              extra_overrides=("optim.lr=0.002",))
-    argv = train_argv(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
-    assert argv[:3] == ["train", "--config", "tiny-student-contrplus-asym"] and "--local" in argv
-    _, config = run_config(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
+    config = run_config(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
+    sets = [f"data.root={settings.data_root}", f"data.image_size={settings.train_image_size}",
+            *settings.overrides, "model.teacher=t.pth"]
+    argv = ["train", "--config", STUDENT_RUNS[0].preset, "--name", settings.run_name(STUDENT_RUNS[0]),
+            "--num-workers", str(settings.num_workers), *[part for item in sets for part in ("--set", item)]]
+    assert config == config_of(build_parser().parse_args(argv))  # the user's command trains the same run
     assert config.run.name == "micro-student-contrplus-asym" == settings.run_name(STUDENT_RUNS[0])
     assert config.data.root == str(tmp_path / "root") and config.data.image_size == 64
     assert config.run.epochs == 1 and config.optim.lr == 0.002 and config.model.teacher == "t.pth"
@@ -252,7 +258,7 @@ def test_each_run_goes_through_the_train_parser_with_the_demo_overrides(tmp_path
 def test_every_demo_size_gives_valid_configs_for_all_runs(size):
     settings = demo_settings(size)
     for run in (TEACHER_RUN, *STUDENT_RUNS):
-        _, config = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else [])
+        config = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else [])
         assert config.data.image_size == settings.train_image_size
         assert config.run.name.startswith(f"{size}-") and config.run.num_workers == settings.num_workers
         assert f": {config.model.arch}," in run.description  # the report's run table names the preset's network

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amldist import evaluate, faiss_index
+from amldist import evaluate, evaluation, search
 from amldist.cli import eval as eval_cli
 from amldist.cli.main import main
 from amldist.errors import UserError
@@ -94,43 +94,37 @@ def test_truncated_ranking_counts_missing_positives_as_not_retrieved():
     assert out["aps"][0] == pytest.approx(0.5)  # (1 + 0) / 2
 
 
-@pytest.mark.parametrize("use_faiss", [True, False])
-def test_rank_database_is_exact(use_faiss):
+def test_rank_database_is_exact():
     rng = np.random.default_rng(0)
     db, queries = rng.standard_normal((50, 8)), rng.standard_normal((4, 8))
     expected = np.argsort(-(queries @ db.T), axis=1)
-    np.testing.assert_array_equal(evaluate.rank_database(db, queries, use_faiss=use_faiss), expected)
-    np.testing.assert_array_equal(evaluate.rank_database(db, queries, topk=5, use_faiss=use_faiss),
-                                  expected[:, :5])
+    np.testing.assert_array_equal(evaluate.rank_database(db, queries), expected)
+    np.testing.assert_array_equal(evaluate.rank_database(db, queries, topk=5), expected[:, :5])
 
 
-def test_flat_index_accumulates_adds():
-    rng = np.random.default_rng(1)
-    db = rng.standard_normal((30, 4)).astype(np.float32)
-    for use_faiss in (True, False):
-        index = faiss_index.FlatIPIndex(4, use_faiss=use_faiss)
-        index.add(db[:10])
-        index.add(db[10:])
-        assert index.ntotal == 30
-        scores, ids = index.search(db[:2], 3)
-        assert list(ids[:, 0]) == list(np.argmax(db[:2] @ db.T, axis=1))
-        np.testing.assert_allclose(scores[:, 0], np.max(db[:2] @ db.T, axis=1), rtol=1e-5)
-
-
-@pytest.mark.parametrize("use_faiss", [True, False])
-def test_searcher_answers_like_a_flat_index(use_faiss):
+@pytest.mark.parametrize("backend", ["faiss-cpu", "torch"])
+def test_every_search_answers_like_brute_force(backend):
     rng = np.random.default_rng(3)
     db = rng.standard_normal((40, 6)).astype(np.float32)
     queries = rng.standard_normal((25, 6)).astype(np.float32)  # >= 20: faiss takes its BLAS path
-    search = faiss_index.searcher(db, use_faiss=use_faiss, use_gpu=False)
-    scores, ids = search(queries, 7)
+    # torch-cuda's search is device-agnostic: checked on the CPU here, on the GPU in test_gpu/test_mining
+    top_k = search.searcher(db, backend) if backend != "torch" else search.torch_topk_search(db, device="cpu")
+    scores, ids = top_k(queries, 7)
     expected = np.argsort(-(queries @ db.T), axis=1)[:, :7]
     np.testing.assert_array_equal(ids, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ db.T, expected, axis=1), rtol=1e-5)
-    assert search(queries[:3], 100)[1].shape == (3, 40)  # k capped at the database size
-    assert search(queries[:0], 5)[1].shape == (0, 5)
+    assert top_k(queries[:3], 100)[1].shape == (3, 40)  # k capped at the database size
+    assert top_k(queries[:0], 5)[1].shape == (0, 5)
     with pytest.raises(ValueError, match="dimension"):
-        search(queries[:, :4], 3)
+        top_k(queries[:, :4], 3)
+
+
+def test_backend_choice_without_gpu():
+    assert search.choose_backend("auto") == "faiss-cpu"  # tests run with CUDA hidden and faiss-cpu
+    assert search.choose_backend("faiss-cpu") == "faiss-cpu"
+    for unusable in ("tpu", "faiss-gpu", "torch-cuda"):
+        with pytest.raises(UserError):
+            search.choose_backend(unusable)
 
 
 def test_distractors_push_positives_down():
@@ -180,9 +174,9 @@ def test_multiscale_parser_computes_arithmetic_and_rejects_code():
 
 
 def test_whitening_cache_path_sits_beside_the_network(tmp_path):
-    path = eval_cli.whitening_cache_path(tmp_path / "model_best.pth.tar", "retrieval-SfM-120k", 1024, True)
+    path = evaluation.whitening_cache_path(tmp_path / "model_best.pth.tar", "retrieval-SfM-120k", 1024, True)
     assert path == tmp_path / "model_best.retrieval-SfM-120k-1024.whiten-ms.pt"
-    assert eval_cli.whitening_cache_path(tmp_path / "s.pt", "w", 362, False).name == "s.w-362.whiten.pt"
+    assert evaluation.whitening_cache_path(tmp_path / "s.pt", "w", 362, False).name == "s.w-362.whiten.pt"
 
 
 def test_format_table_rows_and_columns():
@@ -279,10 +273,10 @@ def test_eval_uses_the_whitening_stored_in_the_network_meta(eval_setup, tmp_path
     net, _ = load_checkpoint(eval_setup / "nets" / "student.pt")
     dim = net.meta.outputdim
     net.meta.extra["Lw"] = {"retrieval-SfM-120k": {"ss": {"m": np.zeros((dim, 1)), "P": 3 * np.eye(dim)}}}
-    loaded = eval_cli.LoadedNet("student", tmp_path / "student.pt", net)
+    loaded = evaluation.LoadedNet("student", tmp_path / "student.pt", net)
     empty_root = tmp_path / "no-data"  # learning would need images; the stored Lw must be used
-    extractor = eval_cli.Extractor(empty_root, 32, [1.0], "cpu", 4, 0, 0)
-    lw = eval_cli.whitening_for(loaded, "retrieval-SfM-120k", extractor)
+    cache = evaluation.DescriptorCache(evaluation.EvalSettings(empty_root, (), 32, batch_size=4, workers=0))
+    lw = evaluation.whitening_for(loaded, "retrieval-SfM-120k", cache)
     assert isinstance(lw, whiten.Whitening)
     np.testing.assert_array_equal(lw.P, 3 * np.eye(dim))
     assert not list(tmp_path.glob("*.whiten*"))
@@ -308,7 +302,8 @@ def test_eval_cli_bad_input_is_one_line_exit_2(eval_setup, capsys, extra, messag
 
 def _no_evaluation(monkeypatch):
     """Checks of --out must come before any network is loaded."""
-    monkeypatch.setattr(eval_cli, "load_net", lambda *args, **kwargs: pytest.fail("evaluated before checking --out"))
+    monkeypatch.setattr("amldist.evaluation.modes.load_net",
+                        lambda *args, **kwargs: pytest.fail("evaluated before checking --out"))
 
 
 def test_eval_out_refuses_to_replace_a_file_that_is_not_our_results(eval_setup, tmp_path, capsys, monkeypatch):
@@ -362,17 +357,17 @@ def test_damaged_whitening_in_the_network_meta_names_the_file(eval_setup, tmp_pa
 
     net, _ = load_checkpoint(eval_setup / "nets" / "student.pt")
     net.meta.extra["Lw"] = lw
-    loaded = eval_cli.LoadedNet("student", tmp_path / "student.pt", net)
-    extractor = eval_cli.Extractor(tmp_path, 32, [1.0], "cpu", 4, 0, 0)
+    loaded = evaluation.LoadedNet("student", tmp_path / "student.pt", net)
+    cache = evaluation.DescriptorCache(evaluation.EvalSettings(tmp_path, (), 32, batch_size=4, workers=0))
     with pytest.raises(UserError) as exc:
-        eval_cli.whitening_for(loaded, "retrieval-SfM-120k", extractor)
+        evaluation.whitening_for(loaded, "retrieval-SfM-120k", cache)
     assert str(exc.value).startswith(f"damaged network file {tmp_path / 'student.pt'}: ") and message in str(exc.value)
 
 
 def _whitening_of(network_path, eval_setup):
-    net = eval_cli.load_net("student", network_path, "cpu")
-    extractor = eval_cli.Extractor(eval_setup / "data", 32, [1.0], "cpu", 4, 0, 0)
-    return eval_cli.whitening_for(net, "retrieval-SfM-120k", extractor)
+    net = evaluation.load_net("student", network_path, "cpu")
+    cache = evaluation.DescriptorCache(evaluation.EvalSettings(eval_setup / "data", (), 32, batch_size=4, workers=0))
+    return evaluation.whitening_for(net, "retrieval-SfM-120k", cache)
 
 
 def test_damaged_whitening_cache_is_learned_again(eval_setup, tmp_path, caplog, monkeypatch):
@@ -385,12 +380,12 @@ def test_damaged_whitening_cache_is_learned_again(eval_setup, tmp_path, caplog, 
     # log level or cut propagation: either hides the warning from caplog
     caplog.set_level(logging.WARNING, logger="amldist")
     monkeypatch.setattr(logging.getLogger("amldist"), "propagate", True)
-    monkeypatch.setattr(logging.getLogger(eval_cli.__name__), "disabled", False)
+    monkeypatch.setattr(logging.getLogger(evaluation.whitening.__name__), "disabled", False)
 
     network = tmp_path / "student.pt"
     shutil.copy(eval_setup / "nets" / "student.pt", network)
     learned = _whitening_of(network, eval_setup)
-    cache = eval_cli.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
+    cache = evaluation.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
     cache.write_bytes(np.random.default_rng(17).bytes(256))  # torch.load fails with IndexError on these
     again = _whitening_of(network, eval_setup)
     assert "ignoring the whitening cache" in caplog.text
@@ -412,6 +407,6 @@ def test_whitening_cache_of_a_replaced_network_is_not_reused(eval_setup, tmp_pat
     save_checkpoint(network, create_net("small_cnn", pretrained=False), epoch=2)
     second = _whitening_of(network, eval_setup)
     assert not np.allclose(second.P, first.P)
-    cache = eval_cli.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
+    cache = evaluation.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
     cache.unlink()
     np.testing.assert_allclose(_whitening_of(network, eval_setup).P, second.P)  # what learning from scratch gives

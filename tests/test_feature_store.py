@@ -264,10 +264,11 @@ def test_cli_recomputes_a_damaged_store_of_its_own(teacher_split, tmp_path):
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
 def test_cli_unwritable_out_fails_before_embedding(teacher_split, tmp_path, capsys, monkeypatch, case):
-    from amldist.cli import features
+    from amldist import teacher_features
 
     split, network = teacher_split
-    monkeypatch.setattr(features, "embed_split", lambda *a, **k: pytest.fail("embedded before checking --out"))
+    monkeypatch.setattr(teacher_features, "embed_split",
+                        lambda *a, **k: pytest.fail("embedded before checking --out"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     read_only = tmp_path / "read-only"

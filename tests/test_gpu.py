@@ -14,15 +14,14 @@ from amldist.feature_store import write_feature_store
 from amldist.losses import TupleBatch, build_loss
 from amldist.miner_actor import Miner
 from amldist.nets import create_net
+from amldist.training.family import LabelledTuples
 from amldist.training.optim import set_train_mode
-from amldist.training.plan import LABELLED, TupleSpec
+from amldist.training.plan import StepTuples
 from amldist.training.step import (
     StepSettings,
-    StepTuples,
     TupleEmbedder,
     VectorTable,
     loss_and_backward,
-    student_image_ids,
 )
 
 pytestmark = pytest.mark.gpu
@@ -69,7 +68,7 @@ def cpu_reference(net, loss_fn, tuples, images, teacher):
 
 def gpu_step(model, net, loss_fn, spec, tuples, images, teacher, settings):
     net.zero_grad()
-    chosen = [images[int(i)] for i in student_image_ids(spec, tuples)]
+    chosen = [images[int(i)] for i in spec.student_image_ids(tuples)]
     table = None
     if teacher is not None:
         table = VectorTable(np.arange(len(teacher)), teacher.to(settings.device))
@@ -88,7 +87,7 @@ def cosine(got, want):
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
 def test_padded_channels_last_step_on_the_gpu_matches_the_fp32_cpu_reference(asym):
     images, tuples = make_images(18), make_tuples()
-    spec = TupleSpec(LABELLED, asym=asym, num_positives=1, num_negatives=3, use_self=False, mining="hard")
+    spec = LabelledTuples(asym=asym, num_positives=1, num_negatives=3, use_self=False, mining="hard")
     loss_fn = build_loss("contrastive", margin=0.7)
     teacher = torch.nn.functional.normalize(torch.randn(18, DIM, generator=torch.Generator().manual_seed(1)), dim=1)
     net = frozen_net()
@@ -119,13 +118,13 @@ def test_the_training_step_never_waits_for_the_gpu(asym):
     """Forward, loss and backward of a padded bf16 step queue their work without one host-device
     synchronisation (a blocking copy or a read of a GPU value would stall the host: amldist.transfer)."""
     images, tuples = make_images(18), make_tuples()
-    spec = TupleSpec(LABELLED, asym=asym, num_positives=1, num_negatives=3, use_self=False, mining="hard")
+    spec = LabelledTuples(asym=asym, num_positives=1, num_negatives=3, use_self=False, mining="hard")
     loss_fn = build_loss("contrastive", margin=0.7)
     device = torch.device("cuda")
     settings = StepSettings.for_device(device, all_images=not asym, global_batch=len(tuples))
     net = frozen_net().to(device, memory_format=torch.channels_last)
     teacher = VectorTable(np.arange(18), torch.nn.functional.normalize(torch.randn(18, DIM, device=device), dim=1))
-    chosen = [images[int(i)] for i in student_image_ids(spec, tuples)]
+    chosen = [images[int(i)] for i in spec.student_image_ids(tuples)]
     loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, chosen, teacher, settings)  # traces the sizes
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -146,7 +145,7 @@ def test_the_step_inside_ddp_over_nccl_gives_the_plain_gradients(monkeypatch):
     import torch.distributed as dist
 
     images, tuples = make_images(18), make_tuples()
-    spec = TupleSpec(LABELLED, asym=False, num_positives=1, num_negatives=3, use_self=False, mining="hard")
+    spec = LabelledTuples(asym=False, num_positives=1, num_negatives=3, use_self=False, mining="hard")
     loss_fn = build_loss("contrastive", margin=0.7)
     device = torch.device("cuda")
     settings = StepSettings.for_device(device, all_images=True, global_batch=len(tuples))
@@ -195,7 +194,9 @@ def test_batched_bf16_extraction_on_the_gpu_matches_one_image_at_a_time_on_the_c
     assert np.min(np.sum(bf16 * want, axis=1)) > 0.995
 
 
-def test_the_miner_on_torch_cuda_gives_the_cpu_answers(tmp_path):
+def test_the_miner_on_gpu_backends_gives_the_cpu_answers(tmp_path):
+    from amldist.search import faiss_gpu_available
+
     rng = np.random.default_rng(0)
     clusters = rng.integers(0, 40, 2000)
     centres = rng.standard_normal((40, 64)).astype(np.float32)
@@ -206,9 +207,11 @@ def test_the_miner_on_torch_cuda_gives_the_cpu_answers(tmp_path):
     anchors = rng.choice(2000, 100, replace=False)
     anchor_vecs = vectors[anchors] + 0.1 * rng.standard_normal((100, 64)).astype(np.float32)
     answers = {}
-    for backend in ("torch-cuda", "torch-cpu"):
+    gpu_backends = ["torch-cuda"] + (["faiss-gpu"] if faiss_gpu_available() else [])
+    for backend in ["faiss-cpu", *gpu_backends]:
         miner = Miner(clusters, str(tmp_path / "store"), pool_size=1500, backend=backend)
         miner.new_epoch(3, seed=7)
-        answers[backend] = miner.mine(anchors, anchor_vecs, 5)
-    np.testing.assert_array_equal(answers["torch-cuda"][0], answers["torch-cpu"][0])
-    assert answers["torch-cuda"][1] == pytest.approx(answers["torch-cpu"][1], rel=1e-4)
+        answers[backend] = miner.hard_negatives(anchors, anchor_vecs, 5)
+    for backend in gpu_backends:
+        np.testing.assert_array_equal(answers[backend][0], answers["faiss-cpu"][0])
+        assert answers[backend][1] == pytest.approx(answers["faiss-cpu"][1], rel=1e-4)

@@ -12,19 +12,19 @@ import math
 import pytest
 import torch
 
+from amldist.config.resolve import DEFAULT_MINING, default_lr
 from amldist.errors import UserError
 from amldist.losses import (
+    LABELLED,
     LOSSES,
     TupleBatch,
     allowed_mining,
     build_loss,
     contrastive_loss,
     darkrank_loss,
-    default_lr,
     loss_spec,
     multi_similarity_loss,
     needs_teacher,
-    reduce_losses,
     regression_loss,
     resolve_loss_name,
     rkd_loss,
@@ -552,11 +552,13 @@ def test_tuple_similarity_and_distances_are_per_tuple():
 
 
 def test_reduction_defaults_to_sum():
-    losses = torch.tensor([1.0, 2.0, 6.0])
-    assert reduce_losses(losses).item() == 9.0
-    assert reduce_losses(losses, "mean").item() == 3.0
+    """The step applies the reduction (test_training_step: sum = world_size, mean / global batch)."""
+    from amldist.config import config_from_dict
+
+    assert config_from_dict({}).loss.reduction == "sum"
+    assert config_from_dict({"loss": {"reduction": "mean"}}).loss.reduction == "mean"
     with pytest.raises(UserError, match="loss.reduction"):
-        reduce_losses(losses, "max")
+        config_from_dict({"loss": {"reduction": "max"}})
 
 
 def test_missing_batch_field_is_a_clear_error():
@@ -596,9 +598,9 @@ def test_registry_learning_rates_mining_and_labels():
     assert default_lr("darkrank", asym=False, teacher="vgg16", student="efficientnet_b3") == 1e-6
     assert default_lr("darkrank", asym=False, teacher="resnet101", student="mobilenet_v2") == 1e-5
     assert default_lr("darkrank", asym=False, teacher="resnet101", student="efficientnet_b3") == 1e-7
-    labelled = {name for name, spec in LOSSES.items() if spec.uses_labels}
+    labelled = {name for name, spec in LOSSES.items() if spec.family == LABELLED}
     assert labelled == {"contrastive", "contrastive_plus", "triplet", "multi_similarity"}
-    assert {name: spec.default_mining for name, spec in LOSSES.items()} == {
+    assert {name: DEFAULT_MINING[spec.family] for name, spec in LOSSES.items()} == {
         "contrastive": "hard", "contrastive_plus": "hard", "triplet": "hard", "multi_similarity": "hard",
         "regression": "none", "rkd": "random", "darkrank": "random"}
     assert "none" in allowed_mining("contrastive", {"use_negatives": False})

@@ -1,5 +1,6 @@
-"""The miner: placement options (no Ray), the plain Miner against the library rules, and the Ray actor
-answering like the library, found by name, and surviving a kill with the same answers."""
+"""The miner: placement options (no Ray), the plain Miner against the library rules, and the typed client
+over the Ray actor answering like the plain miner, found by name, and surviving a kill with the same
+answers."""
 
 import os
 import signal
@@ -10,7 +11,7 @@ import pytest
 from amldist import mining
 from amldist.errors import UserError
 from amldist.feature_store import write_feature_store
-from amldist.miner_actor import Miner, MissingPoolVectors, choose_backend, miner_options
+from amldist.miner_actor import MAX_RESTARTS, Miner, MinerClient, miner_options
 
 ray = pytest.importorskip("ray")
 
@@ -29,10 +30,13 @@ def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("miner")
     write_feature_store(root / "store", teacher, network="t.pth", network_sha256="0" * 64, architecture="vgg16",
                         image_size=64, scales=[1.0], dataset="synth", split="train")
+    val = teacher[:50] * 2
+    write_feature_store(root / "val", val, network="t.pth", network_sha256="0" * 64, architecture="vgg16",
+                        image_size=64, scales=[1.0], dataset="synth", split="val")
     anchor_ids = rng.choice(len(clusters), 30, replace=False)
     anchor_vecs = teacher[anchor_ids] + rng.integers(-30, 30, size=(30, DIM)).astype(np.float32)
     return {"clusters": clusters, "teacher": teacher, "store": str(root / "store"), "root": root,
-            "anchor_ids": anchor_ids, "anchor_vecs": anchor_vecs}
+            "val": val, "val_store": str(root / "val"), "anchor_ids": anchor_ids, "anchor_vecs": anchor_vecs}
 
 
 def expected_negatives(case, pool_ids, pool_vecs, num_negatives=5):
@@ -42,67 +46,51 @@ def expected_negatives(case, pool_ids, pool_vecs, num_negatives=5):
 
 
 def test_miner_options_follow_cluster_resources():
-    gpu_cluster = miner_options({"CPU": 16, "GPU": 2, "miner": 1}, name="m", max_restarts=5, max_task_retries=4)
+    gpu_cluster = miner_options({"CPU": 16, "GPU": 2, "miner": 1}, name="m")
     assert gpu_cluster["num_gpus"] == 1 and gpu_cluster["resources"] == {"miner": 1}
-    assert gpu_cluster["name"] == "m" and gpu_cluster["max_restarts"] == 5 and gpu_cluster["max_task_retries"] == 4
-    assert gpu_cluster["num_cpus"] == 0
-    cpu_cluster = miner_options({"CPU": 2}, namespace="ns", detached=True)
+    assert gpu_cluster["name"] == "m" and gpu_cluster["max_restarts"] == MAX_RESTARTS > 0
+    assert gpu_cluster["max_task_retries"] == MAX_RESTARTS and gpu_cluster["num_cpus"] == 0
+    cpu_cluster = miner_options({"CPU": 2}, name="m")
     assert "num_gpus" not in cpu_cluster and "resources" not in cpu_cluster
-    assert cpu_cluster["namespace"] == "ns" and cpu_cluster["lifetime"] == "detached"
-    assert "num_gpus" not in miner_options({"CPU": 8, "GPU": 0.5})  # a fraction is no whole GPU to hold
+    assert "num_gpus" not in miner_options({"CPU": 8, "GPU": 0.5}, name="m")  # a fraction is no whole GPU to hold
 
 
-def test_backend_choice_without_gpu():
-    assert choose_backend("auto") == "faiss-cpu"  # tests run with CUDA hidden and faiss-cpu
-    assert choose_backend("torch-cpu") == "torch-cpu"
-    for unusable in ("tpu", "faiss-gpu", "torch-cuda"):
-        with pytest.raises(UserError):
-            choose_backend(unusable)
-
-
-def test_backend_choice_without_faiss_names_the_search_it_runs(monkeypatch):
-    from amldist import faiss_index
-
-    monkeypatch.setattr(faiss_index, "faiss", None)
-    assert choose_backend("auto") == "torch-cpu"  # not "faiss-cpu" backed by a numpy fallback
-    with pytest.raises(UserError, match="needs faiss"):
-        choose_backend("faiss-cpu")
-
-
-@pytest.mark.parametrize("backend", ["faiss-cpu", "torch-cpu"])
+@pytest.mark.parametrize("backend", ["faiss-cpu", "auto"])
 def test_plain_miner_answers_like_the_library(case, backend):
     miner = Miner(case["clusters"], case["store"], pool_size=POOL, backend=backend)
     pool_ids = miner.new_epoch(3, seed=7)
     np.testing.assert_array_equal(
         pool_ids, mining.sample_pool(len(case["clusters"]), POOL, mining.epoch_rng(7, 3, mining.POOL_STREAM)))
-    got = miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="asym")
+    got = miner.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
     want = expected_negatives(case, pool_ids, case["teacher"][pool_ids])
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1] == pytest.approx(want[1])
-    student_pool = case["teacher"][pool_ids][:, ::-1].copy()  # any other representation of the pool
-    got_sym = miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="sym", pool_vecs=student_pool)
-    np.testing.assert_array_equal(got_sym[0], expected_negatives(case, pool_ids, student_pool)[0])
-    again = miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="sym")  # pool kept for the epoch
-    np.testing.assert_array_equal(again[0], got_sym[0])
-    assert miner.stats()["mine_calls"] == 3 and miner.stats()["anchors_mined"] == 90
+    again = miner.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)  # the search is kept for the epoch
+    np.testing.assert_array_equal(again[0], got[0])
+    assert miner.stats()["mine_calls"] == 2 and miner.stats()["anchors_mined"] == 60
 
 
-def test_plain_miner_random_negatives_and_errors(case):
-    miner = Miner(case["clusters"], case["store"], pool_size=POOL, backend="faiss-cpu")
+def test_plain_miner_random_negatives_teacher_vectors_and_errors(case):
+    miner = Miner(case["clusters"], case["store"], case["val_store"], pool_size=POOL, backend="faiss-cpu")
     with pytest.raises(RuntimeError, match="new_epoch"):
-        miner.mine(case["anchor_ids"], case["anchor_vecs"], 5)
+        miner.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
     pool_ids = miner.new_epoch(0, seed=1)
-    first = miner.random_negatives(case["anchor_ids"], 5, rule="clusters", key=4)
-    np.testing.assert_array_equal(first, miner.random_negatives(case["anchor_ids"], 5, rule="clusters", key=4))
-    assert not np.array_equal(first, miner.random_negatives(case["anchor_ids"], 5, rule="clusters", key=5))
+    first = miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 4)
+    np.testing.assert_array_equal(first, miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 4))
+    assert not np.array_equal(first, miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 5))
     assert np.isin(first, pool_ids).all()
     assert not (case["clusters"][first] == case["clusters"][case["anchor_ids"]][:, None]).any()
-    uniform = miner.random_negatives(case["anchor_ids"], 6, rule="uniform")
+    uniform = miner.random_negatives(case["anchor_ids"], 6, mining.RANDOM_EXAMPLES, 0)
     assert uniform.shape == (30, 6) and not (uniform == case["anchor_ids"][:, None]).any()
-    with pytest.raises(UserError, match="mode"):
-        miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="both")
-    with pytest.raises(MissingPoolVectors):
-        miner.mine(case["anchor_ids"], case["anchor_vecs"], 5, mode="sym")
+    ids = np.array([3, 49, 0])
+    np.testing.assert_array_equal(miner.teacher_vectors(ids), case["teacher"][ids])
+    np.testing.assert_array_equal(miner.teacher_vectors(ids, "val"), case["val"][ids])
+    with pytest.raises(IndexError):
+        miner.teacher_vectors(np.array([50]), "val")  # the val split is smaller
+    with pytest.raises(UserError, match="split"):
+        miner.teacher_vectors(ids, "test")
+    with pytest.raises(UserError, match="without the teacher's val features"):
+        Miner(case["clusters"], case["store"]).teacher_vectors(ids, "val")
     with pytest.raises(UserError, match="holds 400 images"):
         Miner(case["clusters"][:-1], case["store"])
 
@@ -112,7 +100,7 @@ def test_plain_miner_restores_its_epoch_from_state_dir(case, tmp_path):
     pool_ids = first.new_epoch(5, seed=2)
     reborn = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
     assert reborn.restored and reborn.epoch == 5
-    np.testing.assert_array_equal(reborn.current_pool(), pool_ids)
+    np.testing.assert_array_equal(reborn.pool_ids, pool_ids)
     state_file = next(tmp_path.iterdir())
     for damaged in ("{not json", '{"epoch": 5}', '{"epoch": "x", "seed": 2}', "[]"):
         state_file.write_text(damaged)  # a miner state not written by the miner: start fresh, do not crash
@@ -131,46 +119,46 @@ def ray_session():
 @ray.remote(num_cpus=0)
 def teacher_rows_via_name(name, ids):
     """What a training worker does: find the miner by name and ask it for rows."""
-    from amldist.miner_actor import get_miner
-
-    return ray.get(get_miner(name).teacher_vectors.remote(ids))
+    return MinerClient.connect(name).teacher_vectors(ids)
 
 
-def test_actor_answers_like_the_library_and_survives_a_kill(case, ray_session):
+def test_the_client_over_the_actor_answers_like_the_plain_miner_and_survives_a_kill(case, ray_session):
     from amldist.miner_actor import start_miner
 
-    actor = start_miner(case["clusters"], case["store"], name="test-miner", pool_size=POOL,
+    actor = start_miner(case["clusters"], case["store"], case["val_store"], name="test-miner", pool_size=POOL,
                         state_dir=str(case["root"] / "state"))
-    pool_ids = ray.get(actor.new_epoch.remote(2, 9))
-    mined = ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "asym"))
-    want = expected_negatives(case, pool_ids, case["teacher"][pool_ids])
+    client = MinerClient.connect("test-miner")
+    plain = MinerClient(Miner(case["clusters"], case["store"], case["val_store"], pool_size=POOL))
+    assert client.wait_s == 0.0
+    pool_ids = client.new_epoch(2, 9)
+    np.testing.assert_array_equal(pool_ids, plain.new_epoch(2, 9))
+    mined = client.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
+    want = plain.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
     np.testing.assert_array_equal(mined[0], want[0])
+    assert mined[1] == pytest.approx(want[1]) and client.wait_s > 0
     ids = np.array([0, 399, 17])
     np.testing.assert_array_equal(ray.get(teacher_rows_via_name.remote("test-miner", ids)), case["teacher"][ids])
-    drawn = ray.get(actor.random_negatives.remote(case["anchor_ids"], 5, "clusters", 3))
-    ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "sym", case["teacher"][pool_ids]))
-    before = ray.get(actor.stats.remote())
+    np.testing.assert_array_equal(client.teacher_vectors(ids[[0, 2]], "val"), case["val"][ids[[0, 2]]])
+    drawn = client.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3)
+    np.testing.assert_array_equal(drawn, plain.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3))
+    before = client.stats()
     assert before["restored"] is False and ray.available_resources().get("miner", 0) == 0  # it holds the resource
 
     os.kill(before["pid"], signal.SIGKILL)  # a crash; the next calls are retried once Ray has restarted it
-    again = ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "asym"))
-    after = ray.get(actor.stats.remote())
+    again = client.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
+    after = client.stats()
     assert after["pid"] != before["pid"] and after["restored"] and after["epoch"] == 2
     np.testing.assert_array_equal(again[0], mined[0])
     assert again[1] == pytest.approx(mined[1])
-    np.testing.assert_array_equal(ray.get(actor.current_pool.remote()), pool_ids)
-    np.testing.assert_array_equal(ray.get(actor.random_negatives.remote(case["anchor_ids"], 5, "clusters", 3)),
-                                  drawn)
-    with pytest.raises(MissingPoolVectors):  # student vectors died with the process: the worker resends
-        ray.get(actor.mine.remote(case["anchor_ids"], case["anchor_vecs"], 5, "sym"))
+    np.testing.assert_array_equal(client.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3), drawn)
     ray.kill(actor, no_restart=True)
 
 
 def test_features_spread_over_ray_tasks_equal_one_process(ray_session, tmp_path):
     from test_feature_store import make_teacher_split
 
-    from amldist.cli.features import compute_features
     from amldist.feature_store import FeatureStore
+    from amldist.teacher_features import compute_features
 
     split, network = make_teacher_split(tmp_path)
     spread = compute_features(network, split, tmp_path / "by-ray", num_workers=2, batch_size=2)

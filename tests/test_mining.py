@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from amldist import mining
+from amldist import mining, search
 from amldist.errors import UserError
 
 # Integer-valued vectors: every inner product is an integer below 2**24, so float32 search (faiss,
@@ -77,7 +77,7 @@ def test_widening_when_top_k_runs_out_of_clusters(spread):
     # Clusters of 40 close images: an anchor's first 40 neighbours are mostly its own cluster, so k=8
     # finds no negative at first and every further cluster costs up to 40 ranks.
     anchors, pool, ids, clusters, anchor_clusters = mining_case(3, num_clusters=12, per_cluster=40, spread=spread)
-    inner = mining.faiss_flat_search(pool)
+    inner = search.searcher(pool, "faiss-cpu")
     asked = []
 
     def recording_search(queries, k):
@@ -106,7 +106,7 @@ def test_widening_reaches_the_whole_pool():
 
 def test_torch_topk_search_equals_faiss():
     anchors, pool, ids, clusters, anchor_clusters = mining_case(5)
-    torch_search = mining.torch_topk_search(pool, device="cpu", max_scores=7 * len(pool))  # 7-anchor chunks
+    torch_search = search.torch_topk_search(pool, device="cpu", max_scores=7 * len(pool))  # 7-anchor chunks
     by_torch = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5, search=torch_search)
     by_faiss = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5)
     np.testing.assert_array_equal(by_torch[0], by_faiss[0])
@@ -116,10 +116,45 @@ def test_torch_topk_search_equals_faiss():
 @pytest.mark.gpu
 def test_torch_topk_search_on_the_gpu_equals_faiss():
     anchors, pool, ids, clusters, anchor_clusters = mining_case(5)
-    on_gpu = mining.torch_topk_search(pool, device="cuda")
+    on_gpu = search.torch_topk_search(pool, device="cuda")
     by_gpu = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5, search=on_gpu)
     by_faiss = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5)
     np.testing.assert_array_equal(by_gpu[0], by_faiss[0])
+
+
+@pytest.mark.gpu
+def test_faiss_gpu_search_equals_faiss_on_the_cpu():
+    if not search.faiss_gpu_available():
+        pytest.skip("faiss has no GPU support here (faiss-gpu-cu12 not installed)")
+    anchors, pool, ids, clusters, anchor_clusters = mining_case(5)
+    on_gpu = search.searcher(pool, "faiss-gpu")
+    by_gpu = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5, search=on_gpu)
+    by_cpu = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5)
+    np.testing.assert_array_equal(by_gpu[0], by_cpu[0])
+    assert on_gpu(anchors, search.GPU_MAX_K + 1)[1].shape[1] == min(len(pool), search.GPU_MAX_K + 1)
+
+
+def test_epoch_pool_is_the_miners_draw():
+    np.testing.assert_array_equal(mining.epoch_pool(500, 60, seed=7, epoch=3),
+                                  mining.sample_pool(500, 60, mining.epoch_rng(7, 3, mining.POOL_STREAM)))
+
+
+def test_random_negatives_by_rule_repeat_per_key_and_refuse_unknown_rules():
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(20), 5)
+    pool = rng.permutation(100)[:60]
+    anchors = np.array([0, 17, 42])
+    by_clusters = mining.draw_random_negatives(mining.RANDOM_CLUSTERS, anchors, pool, clusters, 4, 1, 2, 0)
+    np.testing.assert_array_equal(
+        by_clusters, mining.draw_random_negatives(mining.RANDOM_CLUSTERS, anchors, pool, clusters, 4, 1, 2, 0))
+    assert np.isin(by_clusters, pool).all() and not (clusters[by_clusters] == clusters[anchors][:, None]).any()
+    assert all(len(set(clusters[row])) == 4 for row in by_clusters)
+    examples = mining.draw_random_negatives(mining.RANDOM_EXAMPLES, anchors, pool, clusters, 4, 1, 2, 0)
+    assert np.isin(examples, pool).all() and not (examples == anchors[:, None]).any()
+    assert not np.array_equal(examples, mining.draw_random_negatives(mining.RANDOM_EXAMPLES, anchors, pool,
+                                                                     clusters, 4, 1, 2, 1))
+    with pytest.raises(UserError, match="random-negative rule"):
+        mining.draw_random_negatives("nearest", anchors, pool, clusters, 4, 1, 2, 0)
 
 
 def test_no_anchors_give_no_negatives():

@@ -9,10 +9,11 @@ import torch
 import yaml
 
 from amldist.cli.main import build_parser, main
-from amldist.cli.train import check_resume, check_storage, config_of
+from amldist.cli.train import config_of
 from amldist.datasets import formats
 from amldist.errors import UserError
 from amldist.nets import create_net
+from amldist.runs import check_resume, check_storage
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 
 
@@ -124,9 +125,9 @@ def test_errors_raised_inside_ray_become_one_line(tmp_path, monkeypatch, capsys)
     def failing(*args, **kwargs):
         raise RayTrainError("Traceback (most recent call last):\n  File x\nValueError: the miner fell over")
 
-    monkeypatch.setattr("amldist.cli.train.start_ray", lambda local: None)
+    monkeypatch.setattr("amldist.driver.start_ray", lambda local: None)
     monkeypatch.setattr("amldist.training.paths.resolve_paths", lambda config: None)
-    monkeypatch.setattr("amldist.worker.run_training", failing)
+    monkeypatch.setattr("amldist.driver.run_training", failing)
     assert main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == "amldist: error: training failed: ValueError: the miner fell over\n"
 
@@ -140,9 +141,9 @@ def interrupt_during_training(tmp_path, monkeypatch, storage, *, checkpoints: in
     def interrupted(*args, **kwargs):
         raise SystemExit(1)
 
-    monkeypatch.setattr("amldist.cli.train.start_ray", lambda local: None)
+    monkeypatch.setattr("amldist.driver.start_ray", lambda local: None)
     monkeypatch.setattr("amldist.training.paths.resolve_paths", lambda config: None)
-    monkeypatch.setattr("amldist.worker.run_training", interrupted)
+    monkeypatch.setattr("amldist.driver.run_training", interrupted)
     monkeypatch.setattr("amldist.cli.train.check_resume", lambda *args: None)
     return main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", storage, "--name", name])
 

@@ -5,12 +5,9 @@ import pytest
 
 from amldist.config import config_from_dict
 from amldist.errors import UserError
+from amldist.training.family import tuple_family
 from amldist.training.plan import (
-    LABELLED,
-    REGRESSION,
-    RELATIONAL,
     SplitLabels,
-    TupleSpec,
     draw_epoch_tuples,
     fill_positives,
     idle_share,
@@ -36,25 +33,7 @@ def labels(num_clusters=12, per_cluster=5, seed=0):
 
 def spec_of(**sections):
     base = {"model": {"arch": "small_cnn", "pretrained": False, "teacher": "vgg16", "projection_dim": 512}}
-    return TupleSpec.from_config(config_from_dict({**base, **sections}))
-
-
-def test_tuple_spec_follows_the_loss():
-    contr_asym = spec_of(loss={"name": "contrastive", "asym": True})
-    assert (contr_asym.kind, contr_asym.asym, contr_asym.use_self, contr_asym.mining) == (LABELLED, True, False, "hard")
-    assert (contr_asym.num_positives, contr_asym.num_negatives) == (1, 5)
-    assert not contr_asym.students_references
-    plus = spec_of(loss={"name": "contr+"})
-    assert plus.use_self and plus.asym
-    sym = spec_of(loss={"name": "contrastive", "asym": False})
-    assert sym.students_references and not sym.use_self
-    reg = spec_of(loss={"name": "regression"})
-    assert (reg.kind, reg.num_negatives, reg.use_self, reg.mining) == (REGRESSION, 0, True, "none")
-    rkd = spec_of(loss={"name": "rkd"})
-    assert (rkd.kind, rkd.num_negatives, rkd.mining) == (RELATIONAL, 6, "random")  # 1 + 6 = a 7-image tuple
-    assert rkd.students_references and not rkd.uses_pairs
-    selfpos = spec_of(loss={"name": "contrastive", "use_self": True, "use_negatives": False}, mining={"kind": "none"})
-    assert (selfpos.num_negatives, selfpos.mining, selfpos.use_self) == (0, "none", True)
+    return tuple_family(config_from_dict({**base, **sections}))
 
 
 def test_epoch_draw_is_deterministic_and_uses_the_pairs():

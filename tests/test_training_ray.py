@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from amldist.checkpoints import export_network_file, safe_torch_load
-from amldist.cli.features import compute_features
 from amldist.config import config_from_dict
-from amldist.miner_actor import Miner
+from amldist.miner_actor import Miner, MinerClient
 from amldist.nets import create_net
 from amldist.shards import shard_dataset
 from amldist.synth import presets as synth_presets
 from amldist.synth.writer import generate
+from amldist.teacher_features import compute_features
 from amldist.training.epoch import Trainer
 from amldist.training.paths import default_store_dir, prepare_inputs, read_labels, resolve_paths
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE
@@ -29,7 +29,7 @@ from amldist.wandb_log import read_metrics
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-from amldist.worker import run_training
+from amldist.driver import run_training
 
 # Ray Train gives a worker group 60 s to start; on a busy 2-core machine that is not always enough.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -88,7 +88,8 @@ def untrained_scores(config):
     """Val mAP of the run's initial student (seeded by run.seed), computed in this process."""
     paths = resolve_paths(config)
     train_labels, _ = read_labels(paths)
-    trainer = Trainer(config, paths, Miner(train_labels.clusters, paths.train_store, pool_size=60))
+    miner = Miner(train_labels.clusters, paths.train_store, paths.val_store, pool_size=60)
+    trainer = Trainer(config, paths, MinerClient(miner))
     return trainer.validate()
 
 
@@ -182,9 +183,9 @@ def test_the_one_process_trainer_runs_the_same_loop_without_ray(data_root, tmp_p
 
 
 def test_a_batch_that_does_not_split_evenly_is_warned_about(caplog):
-    from amldist.worker import _warn_uneven_batch
+    from amldist.driver import _warn_uneven_batch
 
-    with caplog.at_level("WARNING", logger="amldist.worker"):
+    with caplog.at_level("WARNING", logger="amldist.driver"):
         _warn_uneven_batch(10, 2)
         assert not caplog.records
         _warn_uneven_batch(5, 2)

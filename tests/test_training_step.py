@@ -7,18 +7,10 @@ import torch
 
 from amldist.losses import TupleBatch, build_loss
 from amldist.nets import create_net
+from amldist.training.family import LabelledTuples, RelationalTuples
 from amldist.training.optim import batchnorm_stats, calibrate_batchnorm, make_optimizer, set_train_mode
-from amldist.training.plan import LABELLED, RELATIONAL, TupleSpec
-from amldist.training.step import (
-    StepSettings,
-    StepTuples,
-    TupleEmbedder,
-    VectorTable,
-    loss_and_backward,
-    student_image_ids,
-    teacher_image_ids,
-    tuple_batch,
-)
+from amldist.training.plan import StepTuples
+from amldist.training.step import StepSettings, TupleEmbedder, VectorTable, loss_and_backward
 
 SIZES = [(32, 40), (40, 32), (36, 36)]
 NUM_IMAGES, DIM = 14, 128
@@ -47,8 +39,8 @@ def grads(net):
     return [p.grad.detach().clone() for p in net.parameters()]
 
 
-def images_of(spec, step, images):
-    return [images[int(i)] for i in student_image_ids(spec, step)]
+def images_of(family, step, images):
+    return [images[int(i)] for i in family.student_image_ids(step)]
 
 
 def reference_gradients(net, loss_fn, step: StepTuples, images):
@@ -70,7 +62,7 @@ def take(step: StepTuples, rows) -> StepTuples:
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded-buckets", "exact-shape-buckets"])
 def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples, padded):
-    spec = TupleSpec(LABELLED, asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
+    spec = LabelledTuples(asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
     loss_fn = build_loss("contrastive", margin=0.5)
     net = frozen_net()
     want = reference_gradients(net, loss_fn, tuples, images)
@@ -109,9 +101,9 @@ def test_mean_reduction_divides_by_the_global_batch():
 
 
 def test_asym_step_embeds_only_the_anchors(images, tuples):
-    spec = TupleSpec(LABELLED, asym=True, num_positives=1, num_negatives=2, use_self=True, mining="hard")
-    assert student_image_ids(spec, tuples).tolist() == [0, 1, 2, 3]
-    teacher_ids = teacher_image_ids(spec, tuples)
+    spec = LabelledTuples(asym=True, num_positives=1, num_negatives=2, use_self=True, mining="hard")
+    assert spec.student_image_ids(tuples).tolist() == [0, 1, 2, 3]
+    teacher_ids = spec.teacher_image_ids(tuples)
     assert set(teacher_ids.tolist()) == set(range(NUM_IMAGES))  # positives, negatives and g(a)
     net = frozen_net()
     seen = []
@@ -133,13 +125,13 @@ def test_asym_step_embeds_only_the_anchors(images, tuples):
 
 
 def test_relational_groups_go_through_the_student_with_teacher_groups():
-    spec = TupleSpec(RELATIONAL, asym=False, num_positives=0, num_negatives=3, use_self=False, mining="random")
+    spec = RelationalTuples(asym=False, num_positives=0, num_negatives=3, use_self=False, mining="random")
     step = StepTuples(np.array([0, 5]), np.zeros((2, 0), np.int64), np.array([[1, 2, 3], [6, 7, 1]]))
-    assert student_image_ids(spec, step).tolist() == [0, 1, 2, 3, 5, 6, 7]
+    assert spec.student_image_ids(step).tolist() == [0, 1, 2, 3, 5, 6, 7]
     ids = np.arange(8)
     student = VectorTable(ids, torch.arange(8.0)[:, None].repeat(1, 4))
     teacher = VectorTable(ids, -torch.arange(8.0)[:, None].repeat(1, 4))
-    batch = tuple_batch(spec, step, student, teacher)
+    batch = spec.loss_batch(step, student, teacher)
     assert batch.student.shape == (2, 4, 4) and batch.teacher.shape == (2, 4, 4)
     assert batch.student[1, :, 0].tolist() == [5, 6, 7, 1]  # anchor first, then its examples
     assert batch.teacher[1, :, 0].tolist() == [-5, -6, -7, -1]
@@ -153,7 +145,7 @@ def test_vector_table_gathers_in_any_shape_and_refuses_unknown_ids():
 
 
 def test_batchnorm_statistics_stay_frozen_while_weights_learn(images, tuples):
-    spec = TupleSpec(LABELLED, asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
+    spec = LabelledTuples(asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
     net = frozen_net()
     before = batchnorm_stats(net)
     bn_weight = net.features[1].weight.detach().clone()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from amldist.errors import UserError
+from amldist.errors import UserError, require  # noqa: F401  (commands import require from here)
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,12 +85,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise a UserError (one line, exit 2) unless `condition` holds."""
-    if not condition:
-        raise UserError(message)
-
-
 def check_output_location(path: Path, what: str) -> None:
     """Refuse, before any work, an output that is a folder or special file, or whose folder cannot be
     made or written (the nearest existing ancestor is a file, or not writable)."""
@@ -101,15 +95,3 @@ def check_output_location(path: Path, what: str) -> None:
         ancestor = ancestor.parent
     require(ancestor.is_dir(), f"{what} {path}: {ancestor} is a file, not a folder")
     require(os.access(ancestor, os.W_OK | os.X_OK), f"{what} {path}: cannot write in {ancestor}")
-
-
-def checked_device(device: str | None) -> str:
-    """--device: None = cuda when a GPU is visible, else cpu; a GPU asked for but absent, or an unknown
-    device, is one line before any work."""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    require(device == "cpu" or device.startswith("cuda"), f"--device must be cpu or cuda, got {device!r}")
-    require(device == "cpu" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible")
-    return device

@@ -1,6 +1,7 @@
 """Typed training configuration: dataclass sections, YAML presets, --set overrides, aml flag names.
 
     cfg = load_preset("mnv2-vgg16-contrplus-asym")          # finalized: defaults filled and checked
+    cfg = load_config("tiny-student-contrplus-asym", ["run.epochs=5"], {"run.num_workers": 2})
     cfg = config_from_args(args)                              # after add_config_arguments(parser)
     cfg = with_overrides(cfg, {"optim.lr": 1e-4})             # e.g. one Ray Tune trial
     config_from_dict(config_to_dict(cfg)) == cfg              # round trip through plain dicts
@@ -15,6 +16,7 @@ from amldist.config.cli import (
     apply_overrides,
     config_from_args,
     config_from_dict,
+    load_config,
     parse_set,
     with_overrides,
 )
@@ -47,6 +49,6 @@ __all__ = [
     "AML_FLAGS", "AML_MODES", "TEACHER_DIMS", "Config", "DataConfig", "LossConfig", "MiningConfig",
     "ModelConfig", "OptimConfig", "RunConfig", "add_config_arguments", "apply_overrides", "build_loss_from_config",
     "config_from_args",
-    "config_from_dict", "config_to_dict", "config_to_yaml", "list_presets", "load_preset", "loss_options",
+    "config_from_dict", "config_to_dict", "config_to_yaml", "list_presets", "load_config", "load_preset", "loss_options",
     "parse_set", "preset_dict", "preset_path", "presets_dir", "with_overrides",
 ]

@@ -107,11 +107,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                              help=f"{flag.help} ({target})")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The finalized Config a parsed command line describes."""
+def config_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> Config:
+    """The finalized Config a parsed command line describes; `extra` (typed dotted keys, e.g. a command's
+    own flags such as {"run.num_workers": 4}) applies last."""
     base = preset_dict(args.preset) if getattr(args, "preset", None) else {}
     overrides = aml_overrides(args) + [parse_set(text) for text in getattr(args, "overrides", []) or []]
-    return config_from_dict(apply_overrides(base, overrides))
+    return config_from_dict(apply_overrides(base, [*overrides, *(extra or {}).items()]))
+
+
+def load_config(preset: str, sets: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> Config:
+    """The finalized Config of a preset name or YAML file with `--set KEY=VALUE` texts and typed dotted-key
+    overrides applied, in that order: what `amldist train --config PRESET --set ...` builds."""
+    overrides = [parse_set(text) for text in sets] + list((extra or {}).items())
+    return config_from_dict(apply_overrides(preset_dict(preset), overrides))
 
 
 def aml_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:

@@ -1,4 +1,7 @@
-"""Fill what a preset left unset from the loss registry, then check every value's range.
+"""Fill what a preset left unset, then check every value's range.
+
+Defaults come from the loss registry (the loss's options) and from the training policy of §4.1 kept
+here: the default mining of each loss family and the initial learning rate of each loss and setting.
 
 `finalize(config)` is idempotent: a finalized config finalizes to itself, so configs can be
 stored (checkpoints, Ray Tune) and read back unchanged.
@@ -12,25 +15,48 @@ from pathlib import PurePath
 from amldist.config.schema import Config, LossConfig
 from amldist.errors import UserError
 from amldist.losses import (
+    LABELLED,
     LOSSES,
     MINING_KINDS,
     REDUCTIONS,
+    REGRESSION,
+    RELATIONAL,
     allowed_mining,
-    default_lr,
+    loss_spec,
     needs_teacher,
     resolve_loss_name,
     resolve_loss_options,
 )
 from amldist.nets import ARCHITECTURES, OUTPUT_CHANNELS, POOLINGS, TEACHERS
+from amldist.search import BACKENDS
 
 # The public teachers (retrievalSfM120k-<name>-gem) and their descriptor dimension d.
 TEACHER_DIMS = {name: OUTPUT_CHANNELS[name] for name in TEACHERS}
 OPTIMIZERS = ("sgd", "adam")
-MINER_BACKENDS = ("auto", "faiss-gpu", "torch-cuda", "faiss-cpu", "torch-cpu")  # miner_actor.BACKENDS
 LOSS_OPTION_FIELDS = ("form", "margin", "use_self", "use_positives", "use_negatives", "alpha", "beta",
                       "list_length", "angle_weight", "distance_weight")
 TEACHER_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt")
 SYM_EPOCHS, ASYM_EPOCHS = 100, 300
+
+# §4.1: labelled losses mine hard negatives, the unlabelled relational ones draw random examples,
+# regression needs no negatives.
+DEFAULT_MINING = {LABELLED: "hard", REGRESSION: "none", RELATIONAL: "random"}
+# Initial learning rates of §4.1 (SGD). Contrastive depends on the similarity, DarkRank on the
+# teacher/student pair; a pair the paper did not train falls back to its VGG16-teacher value.
+_LEARNING_RATES = {"triplet": 1e-8, "multi_similarity": 1e-8, "regression": 1e-3, "rkd": 1e-2}
+_CONTRASTIVE_LR = {False: 1e-5, True: 1e-3}
+_DARKRANK_LR = {("resnet101", "mobilenet_v2"): 1e-5, ("resnet101", "efficientnet_b3"): 1e-7}
+_DARKRANK_DEFAULT_LR = 1e-6
+
+
+def default_lr(name: str, *, asym: bool, teacher: str | None = None, student: str | None = None) -> float:
+    """The paper's initial learning rate for a loss in a setting (§4.1)."""
+    spec = loss_spec(name)
+    if spec.name in ("contrastive", "contrastive_plus"):
+        return _CONTRASTIVE_LR[bool(asym)]
+    if spec.name == "darkrank":
+        return _DARKRANK_LR.get((teacher, student), _DARKRANK_DEFAULT_LR)
+    return _LEARNING_RATES[spec.name]
 
 
 def finalize(config: Config) -> Config:
@@ -58,7 +84,7 @@ def resolve(config: Config) -> Config:
                                                                           model.teacher),
                                   freeze_batchnorm=_unset_to(model.freeze_batchnorm, model.pretrained)),
         loss=resolved_loss,
-        mining=dataclasses.replace(config.mining, kind=_unset_to(config.mining.kind, LOSSES[name].default_mining)),
+        mining=dataclasses.replace(config.mining, kind=_unset_to(config.mining.kind, DEFAULT_MINING[LOSSES[name].family])),
         optim=dataclasses.replace(config.optim, lr=lr),
         run=dataclasses.replace(config.run, name=_unset_to(config.run.name, "run"),
                                 epochs=_unset_to(config.run.epochs, ASYM_EPOCHS if asym else SYM_EPOCHS)))
@@ -160,17 +186,17 @@ def _validate_mining(config: Config) -> None:
     if mining.kind not in allowed:
         raise UserError(f"mining.kind: {mining.kind!r} does not fit the {loss.name} loss; "
                         f"use {' or '.join(allowed)}")
-    _one_of("mining.backend", mining.backend, MINER_BACKENDS)
+    _one_of("mining.backend", mining.backend, BACKENDS)
     for key in ("num_positives", "num_negatives"):
         _at_least(f"mining.{key}", getattr(mining, key), 0)
     _at_least("mining.queries_per_epoch", mining.queries_per_epoch, 1)
     _at_least("mining.pool_size", mining.pool_size, 1)
-    if LOSSES[loss.name].uses_labels:
+    if LOSSES[loss.name].family == LABELLED:
         if loss.use_positives is not False:
             _at_least("mining.num_positives", mining.num_positives, 1)
         if loss.use_negatives is not False:
             _at_least("mining.num_negatives", mining.num_negatives, 1)
-    elif loss.name != "regression" and mining.num_positives + mining.num_negatives < 1:
+    elif LOSSES[loss.name].family == RELATIONAL and mining.num_positives + mining.num_negatives < 1:
         raise UserError(f"mining.num_negatives: the {loss.name} loss needs examples besides the anchor "
                         "(num_positives + num_negatives >= 1)")
     if mining.kind == "hard" and mining.pool_size < mining.num_negatives:

@@ -44,7 +44,7 @@ def ordered_runs(state: DemoState) -> list[RunOutcome]:
 
 def table_row(run: RunOutcome, teacher: RunOutcome, results: dict, variant: str = "whiten") -> TableRow:
     """The run's Table-3 row from its eval results; variant 'whiten' (learned whitening) or 'raw'."""
-    from amldist.losses.registry import loss_spec
+    from amldist.losses import LABELLED, loss_spec
     from amldist.training.paths import student_dim
 
     config = run.config
@@ -54,7 +54,7 @@ def table_row(run: RunOutcome, teacher: RunOutcome, results: dict, variant: str 
         scores = {mode: scores_from_eval(results, mode, variant) for mode in ("sym", "asym") if mode in results}
     return TableRow(run=run.name, student=config.model.arch, dim=student_dim(config),
                     teacher=teacher.config.model.arch if config.model.teacher else None,
-                    labels=loss_spec(config.loss.name).uses_labels, loss=loss_label(config.loss.name),
+                    labels=loss_spec(config.loss.name).family == LABELLED, loss=loss_label(config.loss.name),
                     mining=config.mining.kind or "none", asym=bool(config.loss.asym), scores=scores)
 
 

@@ -1,4 +1,5 @@
-"""The demo's evaluation stage: `amldist eval`'s code path for every trained network, one extractor shared.
+"""The demo's evaluation stage: `amldist eval`'s library (`amldist.evaluation`) for every trained network,
+one descriptor cache shared.
 
 Per network the testing modes of Table 3: the teacher alone; each student symmetrically (its own
 queries and database) and, when it learned from the teacher, asymmetrically (student queries, teacher
@@ -12,16 +13,14 @@ are kept beside them (`<run>.<set>-db.npy`, (N, D) float32) for the report's t-S
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from amldist.atomic import atomic_path, atomic_write_json
+from amldist.atomic import atomic_path, atomic_write_json, json_ready
 from amldist.datasets import formats, layout
 from amldist.demo.settings import TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
 from amldist.demo.stages import BUILT, REUSED, DemoState, RunOutcome
@@ -99,17 +98,14 @@ def load_results(settings: DemoSettings, run: RunOutcome, identity: dict[str, An
     return stored
 
 
-def _finite(value: Any) -> Any:
-    """NaN (a setting where no query has positives) becomes null, so the JSON stays standard."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def eval_stage(state: DemoState) -> tuple[str, str]:
-    from amldist.cli.eval import Extractor, evaluate_mode, load_net, whitening_cache_path
+    from amldist.evaluation import (
+        DescriptorCache,
+        EvalSettings,
+        evaluate_mode,
+        load_net,
+        whitening_cache_path,
+    )
 
     s = state.settings
     teacher_run = state.runs[TEACHER_RUN.key]
@@ -124,15 +120,14 @@ def eval_stage(state: DemoState) -> tuple[str, str]:
         # reuse an old Lw anyway, since `amldist eval` keys its Lw cache to the network file's sha256
         for run, _ in pending:
             whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size, False).unlink(missing_ok=True)
-    extractor = Extractor(s.data_root, s.test_image_size, [1.0], "cpu", batch_size=16, workers=0, ray_workers=0)
-    args = argparse.Namespace(whitening=TRAIN_DATASET, data_root=s.data_root, distractors=None)
+    cache = DescriptorCache(EvalSettings(s.data_root, TEST_DATASETS, s.test_image_size, whitening=TRAIN_DATASET,
+                                         batch_size=16, workers=0))
     teacher = load_net("teacher", teacher_run.best_checkpoint, "cpu")
     for run, identity in pending:
         network = teacher if run is teacher_run else load_net(f"student {run.spec.key}", run.best_checkpoint, "cpu")
-        results = {mode: evaluate_mode(mode, network, teacher, list(TEST_DATASETS), args, extractor)
-                   for mode in testing_modes(run)}
+        results = {mode: evaluate_mode(mode, network, teacher, cache) for mode in testing_modes(run)}
         truth = formats.read_gnd(layout.gnd_path(s.data_root, DESCRIPTORS_DATASET))
         _save_descriptors(descriptors_path(s, run),
-                          extractor.descriptors(network, DESCRIPTORS_DATASET, "db", len(truth.imlist)))
-        atomic_write_json(result_path(s, run), _finite({"identity": identity, "results": results}))
+                          cache.descriptors(network, DESCRIPTORS_DATASET, "db", len(truth.imlist)))
+        atomic_write_json(result_path(s, run), json_ready({"identity": identity, "results": results}))
     return BUILT, f"{len(pending)} of {len(state.runs)} networks"

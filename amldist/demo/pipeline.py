@@ -124,7 +124,7 @@ def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "
 
 
 def _train_student(state: DemoState, run, data_inputs: list[str]) -> tuple[str, str]:
-    if run_config(state.settings, run)[1].model.teacher is None:  # the baseline learns alone
+    if run_config(state.settings, run).model.teacher is None:  # the baseline learns alone
         return train_stage(state, run, data_inputs)
     return train_stage(state, run, data_inputs + [TEACHER_RUN.key, "features"], teacher_overrides(state))
 

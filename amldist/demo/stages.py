@@ -1,6 +1,6 @@
 """The demo's build stages: synthetic data, shards, training runs and the teacher's feature store.
 
-Each stage first checks for its complete output and reuses it (`reused`), else calls the public
+Each stage first checks for its complete output and reuses it (`reused`), else calls the library
 function behind the matching command (`built`): `amldist data synth` (synth.json marked complete),
 `amldist data shards` (every split's manifest, written last), `amldist train` (the run's final-epoch
 checkpoint), `amldist features` (a store whose provenance matches the teacher file). `--force STAGE`
@@ -105,24 +105,15 @@ def shards_stage(state: DemoState) -> tuple[str, str]:
 # ---------------------------------------------------------------- training
 
 
-def train_argv(settings: DemoSettings, run: RunSpec, extra: Iterable[str] = ()) -> list[str]:
-    """The `amldist train` command line of one run (without the program name)."""
-    argv = ["train", "--config", run.preset, "--name", settings.run_name(run), "--storage", str(settings.runs_dir),
-            "--local", "--num-workers", str(settings.num_workers), "--wandb", settings.wandb, "--image-every", "1"]
-    overrides = [f"data.root={settings.data_root}", f"data.image_size={settings.train_image_size}",
-                 *settings.overrides, *extra]
-    for item in overrides:
-        argv += ["--set", item]
-    return argv
-
-
 def run_config(settings: DemoSettings, run: RunSpec, extra: Iterable[str] = ()):
-    """(parsed args, finalized Config) of a run, through the `amldist train` parser."""
-    from amldist.cli.main import build_parser
-    from amldist.cli.train import config_of
+    """The finalized Config of a run: its preset with this demo's `--set` overrides, as `amldist train
+    --config PRESET --set ... --name ... --num-workers ...` would build it."""
+    from amldist.config import load_config
 
-    args = build_parser().parse_args(train_argv(settings, run, extra))
-    return args, config_of(args)
+    sets = [f"data.root={settings.data_root}", f"data.image_size={settings.train_image_size}",
+            *settings.overrides, *extra]
+    return load_config(run.preset, sets, {"run.name": settings.run_name(run),
+                                          "run.num_workers": settings.num_workers})
 
 
 def _final_checkpoint(run_dir: Path, epochs: int) -> Path:
@@ -134,7 +125,7 @@ def _final_checkpoint(run_dir: Path, epochs: int) -> Path:
 def _ensure_ray(state: DemoState) -> None:
     """One local Ray for every run of the demo (started quietly, as `amldist train --local` does)."""
     if not state.ray_started:
-        from amldist.cli.train import start_ray
+        from amldist.driver import start_ray
 
         start_ray(True)
         state.ray_started = True
@@ -142,15 +133,13 @@ def _ensure_ray(state: DemoState) -> None:
 
 def train_stage(state: DemoState, run: RunSpec, inputs: Iterable[str], extra: Iterable[str] = ()) -> tuple[str, str]:
     """Train one run unless its final checkpoint is there; an interrupted run is continued."""
-    from amldist.cli.train import check_resume
+    from amldist.runs import check_resume, local_run_dir
     from amldist.training.state import BEST_FILE
-    from amldist.wandb_log import resolve_mode
-    from amldist.worker import local_run_dir, run_training
 
     s = state.settings
-    args, config = run_config(s, run, extra)
+    config = run_config(s, run, extra)
     name = config.run.name
-    run_dir = local_run_dir(config, str(s.runs_dir), name)
+    run_dir = local_run_dir(config.run.out_dir, s.runs_dir, name)
     outcome = RunOutcome(run, name, run_dir, config, run_dir / BEST_FILE)
     state.runs[run.key] = outcome
     finished = _final_checkpoint(run_dir, config.run.epochs).is_file() and outcome.best_checkpoint.is_file()
@@ -163,9 +152,12 @@ def train_stage(state: DemoState, run: RunSpec, inputs: Iterable[str], extra: It
     _ensure_ray(state)
     import ray
 
+    from amldist.driver import run_training
+    from amldist.wandb_log import resolve_mode
+
     try:
-        result = run_training(config, storage=str(s.runs_dir), name=name, wandb=resolve_mode(args.wandb, False),
-                              max_failures=args.max_failures, image_every=args.image_every)
+        result = run_training(config, storage=str(s.runs_dir), name=name, wandb=resolve_mode(s.wandb, False),
+                              image_every=1)
     except ray.train.TrainingFailedError as err:
         raise UserError(f"training {name} failed: {str(err).strip().splitlines()[-1][:300]}") from None
     best = result.return_value or {}
@@ -183,11 +175,11 @@ def teacher_overrides(state: DemoState) -> list[str]:
 
 def features_stage(state: DemoState, student: RunSpec) -> tuple[str, str]:
     """The teacher's features of the train and val splits, where the students' runs look for them."""
-    from amldist.cli.features import compute_features
     from amldist.feature_store import FeatureStore
+    from amldist.teacher_features import compute_features
     from amldist.training.paths import default_store_dir, shard_root, val_store_dir
 
-    _, config = run_config(state.settings, student, teacher_overrides(state))
+    config = run_config(state.settings, student, teacher_overrides(state))
     teacher = state.runs[TEACHER_RUN.key].best_checkpoint
     store_dir = default_store_dir(config)
     state.store_dir = store_dir

@@ -1,7 +1,7 @@
 """Losses that use labels (paper §3.3) plus regression (7), on a batch of tuples.
 
 Every function returns the per-tuple losses (B,) and never reduces over tuples (see
-`amldist.losses.reduce_losses`). Shapes: anchors (B, D) are the student's f(a); positives
+`amldist.losses.REDUCTIONS`). Shapes: anchors (B, D) are the student's f(a); positives
 (B, P, D) and negatives (B, N, D) are the student's f(x) in sym mode (2) or the teacher's
 g(x) in asym mode (3) -- the functions cannot tell and need not; self_refs (B, D) is g(a),
 the teacher's embedding of the anchor itself (SELF in Table 2, the extra term of (10)).

@@ -1,7 +1,8 @@
-"""One place for every loss of the paper: its defaults (§4.1), its options and `build_loss`.
+"""One place for every loss of the paper: its family, its options and their defaults, and `build_loss`.
 
-`build_loss(name, **options)` returns a callable taking a `TupleBatch` and returning the
-per-tuple losses (B,); `reduce_losses` turns those into the scalar to back-propagate.
+`build_loss(name, **options)` returns a callable taking a `TupleBatch` and returning the per-tuple
+losses (B,); the training step reduces them (`loss.reduction`, one of REDUCTIONS). Training policy (the
+default mining and learning rate of §4.1) lives in the config's resolution, not here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from amldist.losses.labelled import contrastive_loss, multi_similarity_loss, reg
 from amldist.losses.relational import darkrank_loss, rkd_loss
 
 MINING_KINDS = ("hard", "random", "none")
+# Per-tuple losses (B,) -> the scalar to back-propagate. "sum" is the default: the error function (1)
+# sums over anchors, and cirtorch/aml back-propagate every tuple's loss and accumulate the gradients,
+# i.e. sum over a batch; the learning rates of §4.1 were tuned for that scale ("mean" divides every
+# step by the batch size). Applied by `amldist.training.step.StepSettings.loss_scale`.
 REDUCTIONS = ("sum", "mean")
+# Loss families (what a tuple holds; `amldist.training.family`).
+LABELLED, REGRESSION, RELATIONAL = "labelled", "regression", "relational"
 PAPER_FORM = "paper"
 CODE_FORM_ALIAS = "code"  # accepted everywhere for "this loss's budnikm/aml code variant"
 
@@ -52,6 +59,8 @@ class TupleBatch:
 class LossSpec:
     """A loss of the paper and its defaults.
 
+    family: LABELLED (pairs, positives and negatives), REGRESSION (the anchor against g(a)) or
+      RELATIONAL (groups of random examples compared across the two spaces).
     forms: option defaults per form ("paper" first, then the code variant); the keys of a
       form are exactly the options it accepts besides `form`.
     similarity: "either" (sym or asym, the labelled losses), "asym" (regression is -s^asym),
@@ -60,10 +69,8 @@ class LossSpec:
 
     name: str
     equation: str
-    uses_labels: bool
+    family: str
     needs_teacher: bool
-    default_mining: str
-    allowed_mining: tuple[str, ...]
     similarity: str
     forms: Mapping[str, Mapping[str, Any]]
     compute: Callable[[TupleBatch, Mapping[str, Any]], torch.Tensor]
@@ -119,9 +126,8 @@ def _contrastive_forms(use_self: bool) -> dict[str, dict[str, Any]]:
 
 
 _CONTRASTIVE_MARGINS = {"paper": (-1.0, 1.0), "cirtorch": (0.0, 2.0)}  # similarity / distance
-_LABELLED = {"uses_labels": True, "default_mining": "hard", "allowed_mining": ("hard", "random"),
-             "similarity": "either"}
-_TEACHER_ONLY = {"uses_labels": False, "needs_teacher": True}
+_LABELLED = {"family": LABELLED, "similarity": "either"}
+_TEACHER_ONLY = {"needs_teacher": True}
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("contrastive", "(4)", needs_teacher=False, forms=_contrastive_forms(False),
@@ -135,13 +141,13 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
              forms={"paper": {"margin": 0.6, "alpha": 1.0, "beta": 1.0},
                     "aml": {"margin": 0.5, "alpha": 2.0, "beta": 40.0}},
              margin_range={"paper": (-1.0, 1.0), "aml": (-1.0, 1.0)}, **_LABELLED),
-    LossSpec("regression", "(7)", default_mining="none", allowed_mining=("none",), similarity="asym",
+    LossSpec("regression", "(7)", family=REGRESSION, similarity="asym",
              forms={"paper": {}, "cirtorch": {}}, compute=_regression, **_TEACHER_ONLY),
-    LossSpec("rkd", "(8)", default_mining="random", allowed_mining=("random",), similarity="none",
+    LossSpec("rkd", "(8)", family=RELATIONAL, similarity="none",
              forms={"paper": {"angle_weight": 2.0, "distance_weight": 1.0},
                     "aml": {"angle_weight": 2.0, "distance_weight": 1.0}},
              compute=_rkd, **_TEACHER_ONLY),
-    LossSpec("darkrank", "(9)", default_mining="random", allowed_mining=("random",), similarity="none",
+    LossSpec("darkrank", "(9)", family=RELATIONAL, similarity="none",
              forms={"paper": {"alpha": 1.0, "list_length": None},
                     "aml": {"alpha": 3.0, "beta": 3.0, "list_length": 4}},
              compute=_darkrank, **_TEACHER_ONLY),
@@ -271,39 +277,13 @@ def needs_teacher(name: str, options: Mapping[str, Any] | None = None) -> bool:
     return spec.needs_teacher or bool((options or {}).get("use_self"))
 
 
+_FAMILY_MINING = {LABELLED: ("hard", "random"), REGRESSION: ("none",), RELATIONAL: ("random",)}
+
+
 def allowed_mining(name: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-    """Mining kinds that make sense for the loss; a labelled loss without negatives needs none."""
-    spec = loss_spec(name)
-    if spec.uses_labels and (options or {}).get("use_negatives") is False:
-        return (*spec.allowed_mining, "none")
-    return spec.allowed_mining
-
-
-# Initial learning rates of §4.1 (SGD). Contrastive depends on the similarity, DarkRank on the
-# teacher/student pair; a pair the paper did not train falls back to its VGG16-teacher value.
-_LEARNING_RATES = {"triplet": 1e-8, "multi_similarity": 1e-8, "regression": 1e-3, "rkd": 1e-2}
-_CONTRASTIVE_LR = {False: 1e-5, True: 1e-3}
-_DARKRANK_LR = {("resnet101", "mobilenet_v2"): 1e-5, ("resnet101", "efficientnet_b3"): 1e-7}
-_DARKRANK_DEFAULT_LR = 1e-6
-
-
-def default_lr(name: str, *, asym: bool, teacher: str | None = None, student: str | None = None) -> float:
-    """The paper's initial learning rate for a loss in a setting (§4.1)."""
-    spec = loss_spec(name)
-    if spec.name in ("contrastive", "contrastive_plus"):
-        return _CONTRASTIVE_LR[bool(asym)]
-    if spec.name == "darkrank":
-        return _DARKRANK_LR.get((teacher, student), _DARKRANK_DEFAULT_LR)
-    return _LEARNING_RATES[spec.name]
-
-
-def reduce_losses(losses: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Per-tuple losses (B,) -> scalar. "sum" is the default: the error function (1) sums over
-    anchors, and cirtorch/aml back-propagate every tuple's loss and accumulate the gradients,
-    i.e. sum over a batch; the learning rates of §4.1 were tuned for that scale ("mean" would
-    divide every step by the batch size)."""
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.mean()
-    raise UserError(f"loss.reduction: unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+    """Mining kinds that make sense for the loss: labels allow hard negatives, the unlabelled relational
+    losses draw random examples, regression has no negatives; a labelled loss without negatives needs none."""
+    family = loss_spec(name).family
+    if family == LABELLED and (options or {}).get("use_negatives") is False:
+        return (*_FAMILY_MINING[family], "none")
+    return _FAMILY_MINING[family]

@@ -1,16 +1,17 @@
 """One worker's share of a training epoch: plan, mine, train, validate (no Ray).
 
 `Trainer` composes the library pieces for one process of a (possibly distributed) run. The miner is
-injected: anything with the methods of `amldist.miner_actor.Miner` (`new_epoch`, `mine`,
-`random_negatives`, `teacher_vectors`) answering synchronously -- the plain `Miner` in tests, a thin
-wrapper over the Ray actor in `amldist.worker`. The DDP wrapper is injected too (`wrap`).
+injected as an `amldist.miner_actor.MinerClient` (over the plain `Miner` in tests and in one-process
+training, over the Ray actor in `amldist.worker`), or None for a run that needs none; the DDP wrapper
+is injected too (`wrap`). What a tuple holds and where its negatives come from is the loss family's
+(`amldist.training.family`).
 
 Per epoch, on every rank:
 1. step the lr schedule; draw the epoch's tuples from (seed, epoch) and take this rank's share;
-2. mine: hard negatives -- asym: embed the rank's anchors with the current student, ask the miner
-   (student anchors vs the teacher's pool); sym: the ranks also embed the epoch's pool in parallel,
-   gather it, and rank 0 sends it to the miner with its anchors, the others after a barrier. Random
-   negatives/examples are drawn by the miner from (seed, epoch); regression mines nothing;
+2. negatives -- teacher pool (asym hard mining): embed the rank's anchors with the current student and
+   ask the miner, which searches the teacher's vectors of the epoch's pool; student pool (sym hard
+   mining): the ranks embed the epoch's pool in parallel, gather it, and each searches it for its own
+   anchors; random: the miner draws them from (seed, epoch); regression mines nothing;
 3. fetch the teacher vectors the rank's tuples read (one miner call, only those rows);
 4. train: per step, load the rank's images (DataLoader workers), forward, loss, backward; the
    optimiser steps every `update_every` steps;
@@ -23,18 +24,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from amldist import mining, search
 from amldist.config import build_loss_from_config
 from amldist.extract import embed
-from amldist.feature_store import FeatureStore
+from amldist.miner_actor import MinerClient
 from amldist.nets import create_net
 from amldist.training import collective
 from amldist.training.data import TrainImages, split_source, step_loader
+from amldist.training.family import NO_NEGATIVES, RANDOM_NEGATIVES, STUDENT_POOL, tuple_family
 from amldist.training.optim import (
     calibrate_batchnorm,
     make_optimizer,
@@ -44,24 +47,15 @@ from amldist.training.optim import (
 )
 from amldist.training.paths import TrainingPaths, read_labels
 from amldist.training.plan import (
-    RELATIONAL,
     EpochTuples,
-    TupleSpec,
+    StepTuples,
     draw_epoch_tuples,
     probe_anchors,
     rank_positions,
     rank_steps,
 )
 from amldist.training.state import Progress, load_training_state
-from amldist.training.step import (
-    StepSettings,
-    StepTuples,
-    TupleEmbedder,
-    VectorTable,
-    loss_and_backward,
-    student_image_ids,
-    teacher_image_ids,
-)
+from amldist.training.step import StepSettings, TupleEmbedder, VectorTable, loss_and_backward
 from amldist.training.validation import ValidationSet
 
 log = logging.getLogger(__name__)
@@ -72,32 +66,37 @@ BN_CALIBRATION_IMAGES = 256  # training images that set a from-scratch student's
 BN_CALIBRATION_STREAM = 7
 
 
-def _is_missing_pool(err: BaseException) -> bool:
-    """The miner lost its sym pool (restarted); matched by name: the Ray wrapper subclasses it."""
-    return any(cls.__name__ == "MissingPoolVectors" for cls in type(err).__mro__)
-
-
 @dataclass
 class EpochOutcome:
     metrics: dict[str, float]
     probes: np.ndarray | None = None            # (p,) anchors of the grid, when asked for
     probe_negatives: np.ndarray | None = None   # (p, N) their negatives
-    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudentPool:
+    """Sym hard mining: the epoch's pool as the student sees it, held by every rank."""
+
+    ids: np.ndarray          # (P,) image ids
+    vectors: np.ndarray      # (P, D) the student's descriptors
+    top_k: search.SearchFn   # exact search over `vectors`
 
 
 class Trainer:
-    def __init__(self, config, paths: TrainingPaths, miner, *, device: torch.device | str = "cpu",
-                 wrap: Callable[[nn.Module], nn.Module] = lambda m: m, rank: int = 0, world_size: int = 1):
+    def __init__(self, config, paths: TrainingPaths, miner: MinerClient | None, *,
+                 device: torch.device | str = "cpu", wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 rank: int = 0, world_size: int = 1):
         self.config, self.paths, self.miner = config, paths, miner
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
-        self.spec = TupleSpec.from_config(config)
+        self.family = tuple_family(config)
+        self.search_backend = search.choose_backend(config.mining.backend)  # sym hard mining searches here
         self.train_labels, self.val_labels = read_labels(paths)
         model = config.model
         torch.manual_seed(config.run.seed)  # the same initial student on every rank and every run
         self.net = create_net(model.arch, model.pooling, model.projection_dim, pretrained=model.pretrained)
         self.freeze_batchnorm = bool(model.freeze_batchnorm)
-        self.settings = StepSettings.for_device(self.device, all_images=self.spec.students_references,
+        self.settings = StepSettings.for_device(self.device, all_images=self.family.students_references,
                                                 exact_shapes=not self.freeze_batchnorm,
                                                 world_size=world_size, global_batch=config.run.batch_size,
                                                 reduction=config.loss.reduction)
@@ -112,7 +111,6 @@ class Trainer:
         self.loss_fn = build_loss_from_config(config)
         self.val_set = ValidationSet.from_labels(self.val_labels)
         self._val_teacher: np.ndarray | None = None
-        self.miner_wait = 0.0
 
     def _calibrate_batchnorm(self) -> None:
         """BatchNorm statistics of a from-scratch student, from the same training images on every rank."""
@@ -129,14 +127,6 @@ class Trainer:
         progress = load_training_state(path, self.net, self.optimizer, self.scheduler)
         log.info("resumed from %s after %d epochs", path, progress.epochs_done)
         return progress
-
-    def _ask(self, method: str, *args, **kwargs):
-        """A miner call, timed (the wait is reported per epoch)."""
-        started = time.perf_counter()
-        try:
-            return getattr(self.miner, method)(*args, **kwargs)
-        finally:
-            self.miner_wait += time.perf_counter() - started
 
     # ------------------------------------------------------------ embedding (eval mode, no grad)
 
@@ -156,62 +146,58 @@ class Trainer:
 
     # ------------------------------------------------------------ mining
 
-    def _hard_negatives(self, anchors: np.ndarray, pool_vecs: np.ndarray | None, first: bool) -> tuple[np.ndarray, float]:
-        count = self.spec.num_negatives
-        vecs = self.embed_train(anchors)
-        if self.spec.asym:
-            return self._ask("mine", anchors, vecs, count, mode="asym")
-        if first:
-            return self._ask("mine", anchors, vecs, count, mode="sym", pool_vecs=pool_vecs)
-        try:
-            return self._ask("mine", anchors, vecs, count, mode="sym")
-        except Exception as err:
-            if not _is_missing_pool(err):
-                raise
-            log.warning("the miner lost the epoch's pool (restarted?); sending it again")
-            return self._ask("mine", anchors, vecs, count, mode="sym", pool_vecs=pool_vecs)
-
-    def mine(self, epoch: int, all_tuples: EpochTuples, mine_positions: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None]:
+    def mine(self, epoch: int, all_tuples: EpochTuples, mine_positions: np.ndarray
+             ) -> tuple[np.ndarray, float, StudentPool | None]:
         """Negatives (n, N) of the rank's tuples `mine_positions`, their mean distance (NaN when not hard
-        mined), and the student pool vectors (sym hard mining) for later calls."""
-        spec, seed = self.spec, self.config.run.seed
-        mine_anchors = all_tuples.anchors[mine_positions]
-        if spec.mining == "none":
-            return np.zeros((len(mine_anchors), 0), np.int64), float("nan"), None
-        pool_ids = self._ask("new_epoch", epoch, seed)
-        if spec.mining == "random":  # every rank draws for all anchors: the same answer at any world size
-            rule = "uniform" if spec.kind == RELATIONAL else "clusters"
-            negatives = self._ask("random_negatives", all_tuples.anchors, spec.num_negatives, rule=rule, key=0)
-            return np.asarray(negatives)[mine_positions], float("nan"), None
-        pool_vecs = None
-        if not spec.asym:
-            pool_vecs = self.embed_split_parts(self.paths.train_shards, self.train_labels.num_images, pool_ids)
-        if spec.asym:
-            negatives, distance = self._hard_negatives(mine_anchors, None, first=True)
-            return np.asarray(negatives), float(distance), None
-        if self.rank == 0:
-            negatives, distance = self._hard_negatives(mine_anchors, pool_vecs, first=True)
-        collective.barrier()  # sym: rank 0 has sent the pool before the other ranks ask
-        if self.rank != 0:
-            negatives, distance = self._hard_negatives(mine_anchors, pool_vecs, first=False)
-        return np.asarray(negatives), float(distance), pool_vecs
+        mined), and the student's pool (sym hard mining) for the probes of the same epoch."""
+        family, seed = self.family, self.config.run.seed
+        anchors = all_tuples.anchors[mine_positions]
+        if family.negatives == NO_NEGATIVES:
+            return np.zeros((len(anchors), 0), np.int64), float("nan"), None
+        if family.negatives == RANDOM_NEGATIVES:  # every rank draws for all anchors: the same at any world size
+            self.miner.new_epoch(epoch, seed)
+            negatives = self.miner.random_negatives(all_tuples.anchors, family.num_negatives, family.random_rule, 0)
+            return negatives[mine_positions], float("nan"), None
+        pool = self.student_pool(epoch) if family.negatives == STUDENT_POOL else None
+        if pool is None:
+            self.miner.new_epoch(epoch, seed)
+        negatives, distance = self.hard_negatives(anchors, pool)
+        return negatives, distance, pool
 
-    def probe_negatives(self, pool_vecs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Rank 0: the fixed grid anchors and the negatives the miner gives them now (Fig. 2)."""
-        spec = self.spec
-        if spec.mining == "none":
+    def student_pool(self, epoch: int) -> StudentPool:
+        """The epoch's pool (the miner's draw from (seed, epoch)), embedded by all ranks in parallel."""
+        ids = mining.epoch_pool(self.train_labels.num_images, self.config.mining.pool_size,
+                                self.config.run.seed, epoch)
+        vectors = self.embed_split_parts(self.paths.train_shards, self.train_labels.num_images, ids)  # (P, D)
+        return StudentPool(ids, vectors, search.searcher(vectors, self.search_backend))
+
+    def hard_negatives(self, anchors: np.ndarray, pool: StudentPool | None) -> tuple[np.ndarray, float]:
+        """Hard negatives of `anchors`, embedded by the current student: searched in the student's pool
+        when given, else among the teacher's pool vectors by the miner."""
+        vecs = self.embed_train(anchors)
+        count = self.family.num_negatives
+        if pool is None:
+            return self.miner.hard_negatives(anchors, vecs, count)
+        clusters = self.train_labels.clusters
+        return mining.select_hard_negatives(vecs, pool.vectors, pool.ids, clusters[pool.ids], clusters[anchors],
+                                            count, search=pool.top_k)
+
+    def probe_negatives(self, pool: StudentPool | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Rank 0: the fixed grid anchors and the negatives they get now (Fig. 2)."""
+        family = self.family
+        if family.negatives == NO_NEGATIVES:
             return None
-        probes = probe_anchors(self.train_labels, spec, NUM_PROBES, self.config.run.seed)
-        if spec.mining == "random":
-            rule = "uniform" if spec.kind == RELATIONAL else "clusters"
-            return probes, np.asarray(self._ask("random_negatives", probes, spec.num_negatives, rule=rule, key=1))
-        return probes, self._hard_negatives(probes, pool_vecs, first=False)[0]
+        probes = probe_anchors(self.train_labels, family, NUM_PROBES, self.config.run.seed)
+        if family.negatives == RANDOM_NEGATIVES:
+            return probes, self.miner.random_negatives(probes, family.num_negatives, family.random_rule, 1)
+        return probes, self.hard_negatives(probes, pool)[0]
 
     def teacher_table(self, steps: list[StepTuples]) -> VectorTable | None:
-        ids = np.unique(np.concatenate([teacher_image_ids(self.spec, st) for st in steps] or [np.zeros(0, np.int64)]))
+        ids = np.unique(np.concatenate([self.family.teacher_image_ids(st) for st in steps]
+                                       or [np.zeros(0, np.int64)]))
         if not len(ids):
             return None
-        vectors = np.array(self._ask("teacher_vectors", ids), np.float32)  # (T, D), only these rows (a copy)
+        vectors = self.miner.teacher_vectors(ids)  # (T, D), only these rows
         return VectorTable(ids, torch.from_numpy(vectors).to(self.device))
 
     # ------------------------------------------------------------ training
@@ -220,14 +206,14 @@ class Trainer:
         """Train on the rank's steps; returns every tuple loss (n,)."""
         set_train_mode(self.net, self.freeze_batchnorm)  # after any eval-mode embedding
         every = self.config.optim.update_every
-        loader = step_loader(self.images, [student_image_ids(self.spec, st) for st in steps],
+        loader = step_loader(self.images, [self.family.student_image_ids(st) for st in steps],
                              self.config.data.workers, pin_memory=self.device.type == "cuda")
         losses = []
         for index, (tuples, images) in enumerate(zip(steps, loader)):
             updates = (index + 1) % every == 0 or index == len(steps) - 1
             no_sync = getattr(self.model, "no_sync", None)
             with contextlib.nullcontext() if updates or no_sync is None else no_sync():
-                losses.append(loss_and_backward(self.model, self.loss_fn, self.spec, tuples, images, teacher,
+                losses.append(loss_and_backward(self.model, self.loss_fn, self.family, tuples, images, teacher,
                                                 self.settings))  # on the device: read once, after the epoch
             if updates:
                 self.optimizer.step()
@@ -246,11 +232,12 @@ class Trainer:
         return self.val_set.scores(student_db, self.val_teacher())
 
     def val_teacher(self) -> np.ndarray | None:
+        """The teacher's vectors of every val image (N_val, D), read once through the miner as the train
+        split's are; None without a teacher."""
         if self.paths.val_store is None:
             return None
         if self._val_teacher is None:
-            store = FeatureStore.open(self.paths.val_store, verify=False)
-            self._val_teacher = store.vectors(np.arange(len(store)))  # (N_val, D), the val split is small
+            self._val_teacher = self.miner.teacher_vectors(np.arange(self.val_labels.num_images), "val")
         return self._val_teacher
 
     # ------------------------------------------------------------ the epoch
@@ -258,17 +245,19 @@ class Trainer:
     def run_epoch(self, epoch: int, progress: Progress, with_probes: bool = False) -> EpochOutcome:
         cfg, timings = self.config, {}
         started = time.perf_counter()
-        self.miner_wait = 0.0
+        if self.miner is not None:
+            self.miner.wait_s = 0.0
         torch.manual_seed(int(np.random.SeedSequence([cfg.run.seed, epoch, self.rank]).generate_state(1)[0]))
         lr = start_epoch_schedule(self.scheduler)
-        all_tuples = draw_epoch_tuples(self.train_labels, self.spec, cfg.mining.queries_per_epoch, cfg.run.seed, epoch)
+        all_tuples = draw_epoch_tuples(self.train_labels, self.family, cfg.mining.queries_per_epoch, cfg.run.seed,
+                                       epoch)
         step_positions = rank_steps(len(all_tuples), cfg.run.batch_size, self.rank, self.world_size)
         mine_positions = rank_positions(step_positions)
-        negatives, distance, pool_vecs = self.mine(epoch, all_tuples, mine_positions)
+        negatives, distance, pool = self.mine(epoch, all_tuples, mine_positions)
         row_of = {int(p): i for i, p in enumerate(mine_positions)}
         steps = [StepTuples(all_tuples.anchors[pos], all_tuples.positives[pos],
                             negatives[[row_of[int(p)] for p in pos]]) for pos in step_positions]
-        probes = self.probe_negatives(pool_vecs) if with_probes and self.rank == 0 else None
+        probes = self.probe_negatives(pool) if with_probes and self.rank == 0 else None
         teacher = self.teacher_table(steps)
         timings["mining_s"] = time.perf_counter() - started
         train_started = time.perf_counter()
@@ -280,15 +269,16 @@ class Trainer:
             metrics.update(self.validate())
             metrics["val_time_s"] = time.perf_counter() - val_started
         metrics["epoch_time_s"] = time.perf_counter() - started
-        return EpochOutcome(metrics, *(probes if probes is not None else (None, None)), timings=timings)
+        return EpochOutcome(metrics, *(probes if probes is not None else (None, None)))
 
     def _epoch_metrics(self, losses: np.ndarray, distance: float, lr: float, timings: dict) -> dict[str, float]:
         hard = not np.isnan(distance)
         total_loss, tuples, dist_sum, dist_count = collective.all_reduce(
             [float(losses.sum()), len(losses), distance * len(losses) if hard else 0.0, len(losses) if hard else 0],
             device=self.device if self.device.type == "cuda" else None)
+        miner_wait = self.miner.wait_s if self.miner is not None else 0.0
         train_s, miner_wait, mining_s = collective.all_reduce(
-            [timings["train_s"], self.miner_wait, timings["mining_s"]], op="max",
+            [timings["train_s"], miner_wait, timings["mining_s"]], op="max",
             device=self.device if self.device.type == "cuda" else None)
         return {"loss": total_loss / max(tuples, 1), "lr": lr, "tuples": tuples,
                 "avg_neg_distance": dist_sum / dist_count if dist_count else float("nan"),

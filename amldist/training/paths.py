@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from amldist.config.resolve import TEACHER_FILE_SUFFIXES
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
 from amldist.feature_store import FeatureStore, file_sha256
@@ -24,8 +25,6 @@ from amldist.nets import OUTPUT_CHANNELS, TEACHERS, has_imagenet_weights, imagen
 from amldist.training.plan import SplitLabels
 
 log = logging.getLogger(__name__)
-
-TEACHER_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -37,13 +36,6 @@ class TrainingPaths:
     train_store: str | None = None
     val_store: str | None = None
 
-    def to_dict(self) -> dict[str, str | None]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainingPaths:
-        return cls(**data)
-
 
 def teacher_label(teacher: str) -> str:
     """A folder name for a teacher: its public name, or `<folder>-<file stem>` of a network file."""
@@ -51,7 +43,7 @@ def teacher_label(teacher: str) -> str:
         return teacher
     path = PurePath(teacher)
     stem = path.name
-    while PurePath(stem).suffix in TEACHER_SUFFIXES:
+    while PurePath(stem).suffix in TEACHER_FILE_SUFFIXES:
         stem = PurePath(stem).stem
     return f"{path.parent.name}-{stem}" if path.parent.name else stem
 
@@ -159,7 +151,7 @@ def ensure_val_store(config, paths: TrainingPaths, train_store: FeatureStore, nu
     if not network.is_file():
         raise UserError(f"no val teacher features in {paths.val_store} and the teacher network {network} is not "
                         f"here to compute them; run `{features_command(config, Path(paths.val_shards), Path(paths.val_store))}`")
-    from amldist.cli.features import compute_features
+    from amldist.teacher_features import compute_features
 
     log.info("computing the teacher's val features into %s", paths.val_store)
     return compute_features(network, paths.val_shards, paths.val_store, image_size=train_store.manifest["image_size"],

@@ -2,17 +2,9 @@
 
 Every draw comes from (seed, epoch) alone (`amldist.mining.epoch_rng`), so every rank, a restarted
 worker and the miner agree without talking to each other, and a resumed run trains on the same
-tuples as an uninterrupted one.
-
-What a tuple holds depends on the loss (`TupleSpec.from_config`):
-- labelled losses (contrastive, Contr+, triplet, multi-similarity): an anchor = a query of the split's
-  (qidxs, pidxs) pairs, its positive(s) from the pairs, and negatives from the miner (hard or random);
-  Contr+ / SELF also use the anchor's own teacher vector;
-- regression (7): the anchor alone. Anchors are random training images, as aml's `reg` mode draws them
-  (a random permutation of all images; it needs no pairs), `queries_per_epoch` of them per epoch;
-- relational losses (RKD, DarkRank): the anchor and `num_positives + num_negatives` random examples,
-  the overall size of a labelled tuple (§4.1). Being unlabelled, their anchors are random training
-  images too, not pair queries.
+tuples as an uninterrupted one. What a tuple holds depends on the loss's family
+(`amldist.training.family`): pair queries with their positives for the labelled losses, random
+training images for regression and the relational losses.
 
 Global batches hold `batch_size` consecutive tuples of the epoch; each is cut into `world_size`
 nearly equal parts, one per rank (`rank_steps`), so all ranks take the same number of steps.
@@ -21,55 +13,20 @@ nearly equal parts, one per rank (`rank_steps`), so all ranks take the same numb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from amldist import mining
 from amldist.errors import UserError
-from amldist.losses import LOSSES
 
-LABELLED, REGRESSION, RELATIONAL = "labelled", "regression", "relational"
+if TYPE_CHECKING:
+    from amldist.training.family import TupleFamily
+
 # An extra stream of (seed, epoch) for filling positives beyond the pair's own (one per epoch).
 POSITIVE_STREAM = 3
 # A fixed stream (independent of the epoch) for the anchors shown in the hard-negative grid.
 PROBE_STREAM = 99
-
-
-@dataclass(frozen=True)
-class TupleSpec:
-    """What one training tuple holds, derived from the loss and mining settings."""
-
-    kind: str               # LABELLED, REGRESSION or RELATIONAL
-    asym: bool              # labelled losses: references are teacher vectors (3), else student ones (2)
-    num_positives: int      # labelled: positives per tuple (0 when the loss does not use them)
-    num_negatives: int      # labelled: negatives per tuple; relational: random examples besides the anchor
-    use_self: bool          # the anchor's own teacher vector g(a) takes part (Contr+, SELF, regression)
-    mining: str             # hard, random or none
-
-    @classmethod
-    def from_config(cls, config) -> TupleSpec:
-        """From a finalized amldist.config.Config."""
-        loss, mining_cfg = config.loss, config.mining
-        spec = LOSSES[loss.name]
-        if loss.name == "regression":
-            return cls(REGRESSION, True, 0, 0, True, "none")
-        if not spec.uses_labels:
-            examples = mining_cfg.num_positives + mining_cfg.num_negatives
-            return cls(RELATIONAL, False, 0, examples, False, "random")
-        positives = mining_cfg.num_positives if loss.use_positives is not False else 0
-        negatives = mining_cfg.num_negatives if loss.use_negatives is not False else 0
-        return cls(LABELLED, bool(loss.asym), positives, negatives, bool(loss.use_self),
-                   mining_cfg.kind if negatives else "none")
-
-    @property
-    def uses_pairs(self) -> bool:
-        """Anchors are pair queries (labelled) rather than random training images."""
-        return self.kind == LABELLED
-
-    @property
-    def students_references(self) -> bool:
-        """Positives/negatives/examples go through the student (sym labelled, relational)."""
-        return self.kind == RELATIONAL or (self.kind == LABELLED and not self.asym)
 
 
 @dataclass(frozen=True)
@@ -101,22 +58,31 @@ class EpochTuples:
     def __len__(self) -> int:
         return len(self.anchors)
 
-    def take(self, positions: np.ndarray) -> EpochTuples:
-        return EpochTuples(self.anchors[positions], self.positives[positions])
+
+@dataclass(frozen=True)
+class StepTuples:
+    """The tuples one rank trains on in one step, as image ids."""
+
+    anchors: np.ndarray    # (b,)
+    positives: np.ndarray  # (b, P), P may be 0
+    negatives: np.ndarray  # (b, N): negatives, or a relational loss's random examples; N may be 0
+
+    def __len__(self) -> int:
+        return len(self.anchors)
 
 
-def draw_epoch_tuples(labels: SplitLabels, spec: TupleSpec, queries_per_epoch: int, seed: int,
+def draw_epoch_tuples(labels: SplitLabels, family: TupleFamily, queries_per_epoch: int, seed: int,
                       epoch: int) -> EpochTuples:
     """The anchors (and positives) of one epoch, the same on every rank."""
     rng = mining.epoch_rng(seed, epoch, mining.QUERY_STREAM)
-    if not spec.uses_pairs:
+    if not family.uses_pairs:
         anchors = mining.sample_pool(labels.num_images, queries_per_epoch, rng)
         return EpochTuples(anchors, np.zeros((len(anchors), 0), np.int64))
     pairs = mining.sample_epoch_queries(len(labels.qidxs), queries_per_epoch, rng)  # (Q,) pair positions
     anchors = labels.qidxs[pairs]
-    if spec.num_positives == 0:
+    if family.num_positives == 0:
         return EpochTuples(anchors, np.zeros((len(anchors), 0), np.int64))
-    positives = fill_positives(labels, pairs, spec.num_positives,
+    positives = fill_positives(labels, pairs, family.num_positives,
                                mining.epoch_rng(seed, epoch, POSITIVE_STREAM))
     return EpochTuples(anchors, positives)
 
@@ -189,8 +155,8 @@ def rank_positions(steps: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(steps) if steps else np.zeros(0, np.int64)
 
 
-def probe_anchors(labels: SplitLabels, spec: TupleSpec, count: int, seed: int) -> np.ndarray:
+def probe_anchors(labels: SplitLabels, family: TupleFamily, count: int, seed: int) -> np.ndarray:
     """A few fixed anchors whose mined negatives are shown over the epochs (the paper's Fig. 2)."""
     rng = mining.epoch_rng(seed, 0, PROBE_STREAM)
-    candidates = np.unique(labels.qidxs) if spec.uses_pairs else np.arange(labels.num_images)
+    candidates = np.unique(labels.qidxs) if family.uses_pairs else np.arange(labels.num_images)
     return np.sort(rng.choice(candidates, size=min(count, len(candidates)), replace=False)).astype(np.int64)

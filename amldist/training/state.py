@@ -8,7 +8,7 @@ epochs, as cirtorch's does, so a resumed run starts at epoch index `epoch`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class Progress:
     best_score: float | None = None      # best validation score (or lowest loss, see `better`)
     best_epoch: int | None = None
     best_metric: str = ""                # which metric `best_score` is
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def better(self, score: float, higher_is_better: bool = True) -> bool:
         if self.best_score is None:
@@ -42,7 +41,7 @@ class Progress:
     def from_dict(cls, data: dict[str, Any] | None) -> Progress:
         data = dict(data or {})
         known = {key: data[key] for key in ("epochs_done", "global_step", "best_score", "best_epoch",
-                                            "best_metric", "extra") if key in data}
+                                            "best_metric") if key in data}
         return cls(**known)
 
 

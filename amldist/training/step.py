@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from amldist.batching import bucket_by_shape, pad_batch
-from amldist.losses import TupleBatch
 from amldist.nets.padding import host_sizes
-from amldist.training.plan import LABELLED, REGRESSION, RELATIONAL, TupleSpec
+from amldist.training.family import TupleFamily
+from amldist.training.plan import StepTuples
 from amldist.transfer import to_device
 
 # Sym buckets: an image must fill at least 75% of its padded batch (fewer, larger batches).
@@ -50,37 +50,6 @@ class TupleEmbedder(nn.Module):
         return [self.net(images, valid_hw) for images, valid_hw in batches]
 
 
-@dataclass(frozen=True)
-class StepTuples:
-    """The tuples one rank trains on in one step, as image ids."""
-
-    anchors: np.ndarray    # (b,)
-    positives: np.ndarray  # (b, P), P may be 0
-    negatives: np.ndarray  # (b, N): negatives, or a relational loss's random examples; N may be 0
-
-    def __len__(self) -> int:
-        return len(self.anchors)
-
-
-def student_image_ids(spec: TupleSpec, tuples: StepTuples) -> np.ndarray:
-    """The distinct images the student embeds in this step, sorted: (U,). An image that appears in
-    several tuples is embedded once; its gradient contributions add up as if embedded each time."""
-    parts = [tuples.anchors]
-    if spec.students_references:
-        parts += [tuples.positives.ravel(), tuples.negatives.ravel()]
-    return np.unique(np.concatenate(parts))
-
-
-def teacher_image_ids(spec: TupleSpec, tuples: StepTuples) -> np.ndarray:
-    """The distinct images whose teacher vectors the step reads, sorted: (T,), possibly empty."""
-    parts = []
-    if spec.use_self or spec.kind == RELATIONAL:
-        parts.append(tuples.anchors)
-    if spec.kind == RELATIONAL or (spec.kind == LABELLED and spec.asym):
-        parts += [tuples.positives.ravel(), tuples.negatives.ravel()]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-
-
 class VectorTable:
     """Vectors of a sorted set of image ids; `rows(ids)` gathers them in any shape: ids (...) -> (..., D)."""
 
@@ -96,22 +65,6 @@ class VectorTable:
             raise KeyError("an image id is missing from the vector table")
         picked = self.vectors[to_device(torch.from_numpy(where), self.vectors.device)]
         return picked.reshape(*ids.shape, self.vectors.shape[-1])
-
-
-def tuple_batch(spec: TupleSpec, tuples: StepTuples, student: VectorTable, teacher: VectorTable | None
-                ) -> TupleBatch:
-    """The loss's view of the step: who embeds what depends on the tuple kind and the similarity."""
-    anchors = student.rows(tuples.anchors)  # (b, D)
-    self_refs = teacher.rows(tuples.anchors) if spec.use_self else None
-    if spec.kind == REGRESSION:
-        return TupleBatch(anchors=anchors, anchor_teacher=self_refs)
-    if spec.kind == RELATIONAL:
-        group = np.concatenate([tuples.anchors[:, None], tuples.negatives], axis=1)  # (b, K)
-        return TupleBatch(student=student.rows(group), teacher=teacher.rows(group))
-    references = student if not spec.asym else teacher
-    positives = references.rows(tuples.positives) if tuples.positives.shape[1] else None
-    negatives = references.rows(tuples.negatives) if tuples.negatives.shape[1] else None
-    return TupleBatch(anchors=anchors, positives=positives, negatives=negatives, anchor_teacher=self_refs)
 
 
 @dataclass
@@ -174,17 +127,17 @@ def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarra
     return VectorTable(np.asarray(ids)[order], descriptors)
 
 
-def loss_and_backward(embedder: nn.Module, loss_fn, spec: TupleSpec, tuples: StepTuples, images: Sequence[Tensor],
-                      teacher: VectorTable | None, settings: StepSettings) -> Tensor:
+def loss_and_backward(embedder: nn.Module, loss_fn, family: TupleFamily, tuples: StepTuples,
+                      images: Sequence[Tensor], teacher: VectorTable | None, settings: StepSettings) -> Tensor:
     """Forward the step's images, compute the loss of its tuples, back-propagate the scaled sum.
 
-    `images[i]` is the normalised (3, h, w) tensor of `student_image_ids(spec, tuples)[i]`. Returns the
+    `images[i]` is the normalised (3, h, w) tensor of `family.student_image_ids(tuples)[i]`. Returns the
     per-tuple losses (b,), detached. The optimiser step is the caller's (gradient accumulation)."""
-    ids = student_image_ids(spec, tuples)
+    ids = family.student_image_ids(tuples)
     if len(images) != len(ids):
         raise ValueError(f"expected {len(ids)} images for the step, got {len(images)}")
-    one_batch = settings.anchors_one_batch and not spec.students_references
+    one_batch = settings.anchors_one_batch and not family.students_references
     student = embed_for_step(embedder, images, ids, settings, one_batch=one_batch)
-    losses = loss_fn(tuple_batch(spec, tuples, student, teacher))  # (b,)
+    losses = loss_fn(family.loss_batch(tuples, student, teacher))  # (b,)
     (losses.sum() * settings.loss_scale).backward()
     return losses.detach()

@@ -1,0 +1,128 @@
+"""The driver of a training run: start or join Ray, start the miner, run Ray Train's `TorchTrainer`.
+
+    start_ray(local=True)
+    result = run_training(config, storage="runs", name="my-run")      # starts the miner, fits, kills it
+
+`run_training` checks the inputs (`amldist.training.paths`), computes the teacher's val features if
+they are missing, starts the miner actor when the run needs one (`amldist.miner_actor`: teacher vectors,
+asymmetric hard negatives, random negatives), and fits a `TorchTrainer` with one DDP process per
+worker running `amldist.worker.train_loop_per_worker` on a `WorkerJob`. Ray Tune runs it as a trial:
+call it from a function trainable with `callbacks=[TuneReportCallback()]` and a per-trial `name`.
+The run folder and the checks before a run starts are `amldist.runs`'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from amldist.config import Config
+from amldist.errors import UserError
+from amldist.miner_actor import start_miner
+from amldist.runs import DEFAULT_IMAGE_EVERY, DEFAULT_MAX_FAILURES, local_run_dir, storage_path
+from amldist.training.family import RANDOM_NEGATIVES, TEACHER_POOL, tuple_family
+from amldist.training.paths import TrainingPaths, prepare_inputs
+from amldist.training.plan import busiest_rank_tuples, idle_share
+from amldist.worker import WorkerJob, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_KEPT = 2
+# Ray Train settings read from the environment by the controller and workers: no doubled prints, no
+# preemption-watcher error line, reports polled every 0.5 s instead of 2 s, and 5 minutes instead of 60 s
+# for a worker group to start (importing torch in each worker took most of a minute on a busy 2-core box).
+QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+
+
+def start_ray(local: bool) -> None:
+    """Start a single-node Ray in this process (`local`), else join the running cluster
+    (`ray.init(address="auto")`, so `ray job submit -- amldist train ...` works unchanged); quietly."""
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR")}
+    if local:
+        ray.init(**quiet)
+        return
+    try:
+        ray.init(address="auto", **quiet)
+    except ConnectionError:
+        raise UserError("no running Ray cluster to join; start one (`ray start --head`) or pass --local") from None
+
+
+def run_training(config: Config, *, storage: str, name: str, callbacks: list | None = None, wandb: str = "off",
+                 resume_from: str | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
+                 image_every: int = DEFAULT_IMAGE_EVERY, fail_at_epoch: int | None = None):
+    """Train one run (a finalized `Config`) on the connected Ray cluster; returns the `ray.train.Result`.
+
+    storage: local folder or URI (RunConfig.storage_path); the run lives in `<storage>/<name>`, and a
+    re-run with the same storage and name continues it. wandb: off, offline or online (see wandb_log).
+    resume_from: a checkpoint file to start from when the run has none of its own. fail_at_epoch: a test
+    hook, the last rank raises once at that epoch.
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("run_training needs a running Ray (ray.init) first")
+    paths, train_labels = prepare_inputs(config, num_feature_workers=0 if _single_node() else config.run.num_workers)
+    _warn_uneven_batch(config.run.batch_size, config.run.num_workers)
+    run_dir = local_run_dir(config.run.out_dir, storage, name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    miner_name = f"amldist-miner-{uuid.uuid4().hex[:12]}" if needs_miner(config, paths) else None
+    miner = None
+    if miner_name is not None:
+        miner = start_miner(train_labels.clusters, paths.train_store, paths.val_store, name=miner_name,
+                            pool_size=config.mining.pool_size, state_dir=str(run_dir / "miner"),
+                            backend=config.mining.backend, **_miner_gpu(config))
+    try:
+        if miner is not None:
+            ray.get(miner.stats.remote())  # surface a miner that cannot start before the workers wait on it
+        job = WorkerJob(config=config, paths=paths, miner=miner_name, run_dir=str(run_dir), wandb=wandb,
+                        resume_from=resume_from, image_every=image_every, fail_at_epoch=fail_at_epoch)
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=job.to_loop_config(),
+            scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu),
+            run_config=RunConfig(name=name, storage_path=storage_path(storage), callbacks=callbacks,
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                                 logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+        started = time.perf_counter()
+        result = trainer.fit()
+        log.info("training %s finished in %.1f s", name, time.perf_counter() - started)
+        return result
+    finally:
+        if miner is not None:
+            ray.kill(miner)
+
+
+def needs_miner(config: Config, paths: TrainingPaths) -> bool:
+    """The miner serves teacher vectors, asymmetric hard negatives and random negatives; a run with no
+    teacher that mines its own (symmetric) hard negatives, or none, needs no miner."""
+    return paths.train_store is not None or tuple_family(config).negatives in (RANDOM_NEGATIVES, TEACHER_POOL)
+
+
+def _warn_uneven_batch(batch_size: int, num_workers: int) -> None:
+    idle = idle_share(batch_size, num_workers)
+    if idle > 0:
+        log.warning("run.batch_size %d does not split evenly over %d workers: every step waits for the ranks "
+                    "with %d tuples, about %.0f%% of the workers' time idle; a multiple of %d keeps them all busy",
+                    batch_size, num_workers, busiest_rank_tuples(batch_size, num_workers), 100 * idle, num_workers)
+
+
+def _single_node() -> bool:
+    return len([node for node in ray.nodes() if node.get("Alive")]) <= 1
+
+
+def _miner_gpu(config: Config) -> dict[str, Any]:
+    """Leave the GPUs to the trainers when they need all of them (e.g. one GPU, one worker)."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= 1 and config.run.use_gpu and gpus < config.run.num_workers + 1:
+        return {"num_gpus": 0}
+    return {}

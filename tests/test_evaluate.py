@@ -292,6 +292,8 @@ def test_eval_uses_the_whitening_stored_in_the_network_meta(eval_setup, tmp_path
     (["-d", "holidays"], "unknown dataset"),
     (["-d", "rparis6k"], "no ground truth for rparis6k"),
     (["-w", "retrieval-SfM-30k"], "no whitening pairs"),
+    (["-w", "my-landmarks"], "no whitening pairs for my-landmarks"),  # an imported set's name is a choice
+    (["-w", "roxford5k"], "not a training set"),
     (["--image-size", "0"], "must be > 0"),
 ])
 def test_eval_cli_bad_input_is_one_line_exit_2(eval_setup, capsys, extra, message):

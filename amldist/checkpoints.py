@@ -42,7 +42,8 @@ _NUMPY_GLOBALS = [
     (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
     (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
     (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-    *[type(np.dtype(code)) for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")],
+    *[type(np.dtype(code))
+      for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")],
 ]
 
 
@@ -82,8 +83,8 @@ def _first_line(err: Exception) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, *, epoch: int, optimizer=None, scheduler=None,
-                    config: Any = None, metrics: dict | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, *, epoch: int, optimizer=None,
+                    scheduler=None, config: Any = None, metrics: dict | None = None) -> Path:
     """Write everything needed to resume or evaluate, atomically (a crash leaves the old file intact)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -140,7 +141,8 @@ def network_from_state(state: Any, source: str) -> RetrievalNet:
     weights = state["state_dict"]
     meta_dict = state["meta"]
     if not isinstance(weights, dict):
-        raise UserError(f"damaged network file {source}: 'state_dict' is a {type(weights).__name__}, not a dict")
+        raise UserError(f"damaged network file {source}: 'state_dict' is a {type(weights).__name__}, "
+                        "not a dict")
     architecture = str(meta_dict.get("architecture", "")) if isinstance(meta_dict, dict) else ""
     check_architecture(architecture)
     _refuse_timm_layout(architecture, weights, source)
@@ -157,7 +159,8 @@ def network_from_state(state: Any, source: str) -> RetrievalNet:
 def _refuse_timm_layout(architecture: str, weights: dict, source: str) -> None:
     """aml's EfficientNet-B3 students wrap timm's tf_efficientnet_b3 (other module names, TF 'same'
     padding); our efficientnet_b3 is torchvision's, so say so instead of listing missing keys."""
-    if architecture == "efficientnet_b3" and any(".conv_dw." in key or ".conv_pwl." in key for key in weights):
+    if architecture == "efficientnet_b3" and any(".conv_dw." in key or ".conv_pwl." in key
+                                                 for key in weights):
         raise UserError(f"{source}: an aml EfficientNet-B3 file (timm tf_efficientnet_b3 layout); amldist's "
                         f"efficientnet_b3 is torchvision's and cannot load it")
 

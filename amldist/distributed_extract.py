@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from amldist import extract
 from amldist.errors import UserError
+from amldist.ray_session import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,6 @@ def _embed_chunk(model: torch.nn.Module, source: extract.ImageSource, positions:
     return positions, vectors
 
 
-def _ensure_ray(num_workers: int) -> bool:
-    """Start a local Ray instance unless one is running (or RAY_ADDRESS names a cluster);
-    returns True when this call started it (and so should stop it)."""
-    if ray.is_initialized():
-        return False
-    ray.init(num_cpus=None if _cluster_address_set() else num_workers, include_dashboard=False,
-             logging_level=logging.ERROR, log_to_driver=False)
-    return True
-
-
-def _cluster_address_set() -> bool:
-    return bool(os.environ.get("RAY_ADDRESS"))
-
-
 def embed_distributed(model: torch.nn.Module, images: extract.ImageSource, *, num_workers: int,
                       image_size: int = 1024, scales: Sequence[float] = (1.0,), batch_size: int | None = None,
                       autocast: Any = None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
@@ -73,7 +59,7 @@ def embed_distributed(model: torch.nn.Module, images: extract.ImageSource, *, nu
     options = {"image_size": image_size, "scales": list(scales), "batch_size": batch_size,
                "autocast": autocast, "num_workers": decode_workers,
                "device": "cuda" if gpus_per_worker > 0 else "cpu"}
-    started = _ensure_ray(num_workers)
+    started = ensure_ray(num_workers)
     try:
         model_ref = ray.put(_cpu_copy(model))
         source_ref = ray.put(images)

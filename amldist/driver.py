@@ -57,12 +57,14 @@ def start_ray(local: bool) -> None:
     try:
         ray.init(address="auto", **quiet)
     except ConnectionError:
-        raise UserError("no running Ray cluster to join; start one (`ray start --head`) or pass --local") from None
+        raise UserError("no running Ray cluster to join; start one (`ray start --head`) "
+                        "or pass --local") from None
 
 
-def run_training(config: Config, *, storage: str, name: str, callbacks: list | None = None, wandb: str = "off",
-                 resume_from: str | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
-                 image_every: int = DEFAULT_IMAGE_EVERY, fail_at_epoch: int | None = None):
+def run_training(config: Config, *, storage: str, name: str, callbacks: list | None = None,
+                 wandb: str = "off", resume_from: str | None = None,
+                 max_failures: int = DEFAULT_MAX_FAILURES, image_every: int = DEFAULT_IMAGE_EVERY,
+                 fail_at_epoch: int | None = None):
     """Train one run (a finalized `Config`) on the connected Ray cluster; returns the `ray.train.Result`.
 
     storage: local folder or URI (RunConfig.storage_path); the run lives in `<storage>/<name>`, and a
@@ -72,7 +74,8 @@ def run_training(config: Config, *, storage: str, name: str, callbacks: list | N
     """
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (ray.init) first")
-    paths, train_labels = prepare_inputs(config, num_feature_workers=0 if _single_node() else config.run.num_workers)
+    paths, train_labels = prepare_inputs(config,
+                                         num_feature_workers=0 if _single_node() else config.run.num_workers)
     _warn_uneven_batch(config.run.batch_size, config.run.num_workers)
     run_dir = local_run_dir(config.run.out_dir, storage, name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +117,10 @@ def _warn_uneven_batch(batch_size: int, num_workers: int) -> None:
     idle = idle_share(batch_size, num_workers)
     if idle > 0:
         log.warning("run.batch_size %d does not split evenly over %d workers: every step waits for the ranks "
-                    "with %d tuples, about %.0f%% of the workers' time idle; a multiple of %d keeps them all busy",
-                    batch_size, num_workers, busiest_rank_tuples(batch_size, num_workers), 100 * idle, num_workers)
+                    "with %d tuples, about %.0f%% of the workers' time idle; "
+                    "a multiple of %d keeps them all busy",
+                    batch_size, num_workers, busiest_rank_tuples(batch_size, num_workers),
+                    100 * idle, num_workers)
 
 
 def _single_node() -> bool:

@@ -87,7 +87,8 @@ def _query_scores(rank_row: np.ndarray, ok: np.ndarray, junk: np.ndarray,
     return ap, prs
 
 
-def compute_map(ranks: np.ndarray, gnd: Sequence[dict[str, Any]], kappas: Sequence[int] = ()) -> dict[str, Any]:
+def compute_map(ranks: np.ndarray, gnd: Sequence[dict[str, Any]],
+                kappas: Sequence[int] = ()) -> dict[str, Any]:
     """mAP and mean P@k over queries; gnd[i] holds 'ok' and optionally 'junk' database indices.
 
     Returns fractions in [0, 1]: {'mAP', 'aps' (Q,), 'mP' (K,), 'prs' (Q, K), 'num_evaluated'}.
@@ -147,7 +148,8 @@ def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[dict[str, Any]],
     """Metrics ×100 per setting: {'easy', 'medium', 'hard'} (revisited) or {'old'}, each
     {'mAP', 'mP@k'...}."""
     if protocol_of(gnd) == "revisited":
-        return {s: _summary(compute_map(ranks, revisited_gnd(gnd, s), kappas), kappas) for s in REVISITED_SETTINGS}
+        return {s: _summary(compute_map(ranks, revisited_gnd(gnd, s), kappas), kappas)
+                for s in REVISITED_SETTINGS}
     old = [{"ok": _ints(q, "ok"), "junk": _ints(q, "junk")} for q in gnd]
     return {OLD_SETTING: _summary(compute_map(ranks, old, kappas), kappas)}
 

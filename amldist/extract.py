@@ -270,7 +270,8 @@ def _autocast_dtype(autocast: Any, device: torch.device) -> torch.dtype | None:
         return None
     if autocast is None or autocast is True:
         return torch.bfloat16
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16}
     dtype = names.get(autocast, autocast) if isinstance(autocast, str) else autocast
     if dtype not in (torch.bfloat16, torch.float16):
         raise UserError(f"autocast must be bf16 or fp16, got {autocast!r}")
@@ -290,7 +291,8 @@ def _rescale(images: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
     if len({tuple(x.shape) for x in images}) == 1:  # one shape: one call
         batch = F.interpolate(torch.stack(images), scale_factor=scale, mode="bilinear", align_corners=False)
         return list(batch)
-    return [F.interpolate(x[None], scale_factor=scale, mode="bilinear", align_corners=False)[0] for x in images]
+    return [F.interpolate(x[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+            for x in images]
 
 
 def _forward(model, images: list[torch.Tensor]) -> torch.Tensor:
@@ -347,7 +349,8 @@ def _run(model, loader, count: int, scales: list[float], device: torch.device,
     std = torch.tensor(_meta_value(model, "std", (0.229, 0.224, 0.225)), device=device).view(3, 1, 1)
     power = multiscale_power(model, scales)
     out: np.ndarray | None = None
-    with torch.inference_mode(), tqdm(total=count, desc=desc, unit="img", disable=not _progress_enabled()) as bar:
+    with torch.inference_mode(), tqdm(total=count, desc=desc, unit="img",
+                                      disable=not _progress_enabled()) as bar:
         for positions, uint8_images in loader:
             normalised = _normalise(uint8_images, mean, std, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

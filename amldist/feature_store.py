@@ -143,7 +143,8 @@ class FeatureStore:
         if not path.is_file():
             raise UserError(f"teacher feature store {directory} lacks its array {manifest['array_file']}")
         if verify and file_sha256(path) != manifest["array_sha256"]:
-            raise UserError(f"teacher features in {path} do not match the checksum in the manifest (corrupt file)")
+            raise UserError(f"teacher features in {path} do not match the checksum in the "
+                            "manifest (corrupt file)")
         features = _load_array(path, manifest)
         store = cls(directory, manifest, features)
         if expected:
@@ -196,10 +197,12 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
     needed = ("format", "version", "array_file", "count", "dim", "array_sha256", *MATCH_FIELDS)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or any(k not in manifest for k in needed):
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or any(k not in manifest for k in needed)):
         raise UserError(f"{path} is not an amldist teacher feature manifest")
     if manifest["version"] != VERSION:
-        raise UserError(f"{path} has format version {manifest['version']}; this amldist reads version {VERSION}")
+        raise UserError(f"{path} has format version {manifest['version']}; "
+                        f"this amldist reads version {VERSION}")
     if Path(manifest["array_file"]).name != manifest["array_file"]:
         raise UserError(f"{path} names an array outside its folder: {manifest['array_file']!r}")
     return manifest

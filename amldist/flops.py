@@ -23,8 +23,8 @@ _aten = torch.ops.aten
 
 def _per_output(flops_per_element: int):
     def count(*args, out_shape=None, **kwargs) -> int:
-        shape = out_shape[0] if isinstance(out_shape, (tuple, list)) and isinstance(out_shape[0], (tuple, list)) \
-            else out_shape
+        shape = out_shape[0] if isinstance(out_shape, (tuple, list)) \
+            and isinstance(out_shape[0], (tuple, list)) else out_shape
         return flops_per_element * math.prod(shape)
     return count
 
@@ -64,9 +64,11 @@ def complexity(architecture: str, projection_dim: int | None = None, image_size:
     and projection (pooling and L2N add well under 0.01%). `elementwise=False` counts only
     convolutions and matmuls."""
     with torch.device("meta"):
-        net = create_net(architecture, pooling=pooling, projection_dim=projection_dim, pretrained=False).eval()
+        net = create_net(architecture, pooling=pooling, projection_dim=projection_dim,
+                         pretrained=False).eval()
     image = torch.empty(1, 3, image_size, image_size, device="meta")
-    with FlopCounterMode(display=False, custom_mapping=_ELEMENTWISE_FLOPS if elementwise else None) as counter, torch.no_grad():
+    with (FlopCounterMode(display=False, custom_mapping=_ELEMENTWISE_FLOPS if elementwise else None)
+          as counter, torch.no_grad()):
         try:
             net.features(image)
         except RuntimeError as err:  # pooling shrank the feature map to nothing (VGG16 needs >= 16 px)
@@ -104,13 +106,15 @@ def percent_diff(ours: float, paper: float) -> float:
     return 100.0 * (ours - paper) / paper
 
 
-def table1(image_size: int = TABLE1_IMAGE_SIZE, elementwise: bool = True) -> list[tuple[Table1Row, Complexity]]:
+def table1(image_size: int = TABLE1_IMAGE_SIZE,
+           elementwise: bool = True) -> list[tuple[Table1Row, Complexity]]:
     return [(row, complexity(row.architecture, row.projection_dim, image_size, elementwise=elementwise))
             for row in TABLE1]
 
 
 def format_table1(results: list[tuple[Table1Row, Complexity]]) -> str:
-    header = (f"{'network':<24}{'GFLOPs':>9}{'paper':>9}{'diff %':>8}{'params M':>11}{'paper':>9}{'diff %':>8}")
+    header = (f"{'network':<24}{'GFLOPs':>9}{'paper':>9}{'diff %':>8}"
+              f"{'params M':>11}{'paper':>9}{'diff %':>8}")
     lines = [header, "-" * len(header)]
     for row, ours in results:
         lines.append(f"{row.label:<24}{ours.gflops:>9.2f}{row.paper_gflops:>9.2f}"

@@ -64,7 +64,8 @@ class Miner:
     """
 
     def __init__(self, clusters: np.ndarray, store_dir: str | None = None, val_store_dir: str | None = None,
-                 pool_size: int = mining.DEFAULT_POOL_SIZE, state_dir: str | None = None, backend: str = "auto"):
+                 pool_size: int = mining.DEFAULT_POOL_SIZE, state_dir: str | None = None,
+                 backend: str = "auto"):
         self.clusters = np.asarray(clusters, dtype=np.int64)  # (N,)
         self.pool_size = int(pool_size)
         self.backend = search.choose_backend(backend)
@@ -79,7 +80,8 @@ class Miner:
         self.seed: int | None = None
         self.pool_ids: np.ndarray | None = None  # (P,) image ids of this epoch's pool
         self._teacher_pool: tuple[search.SearchFn, np.ndarray] | None = None
-        self._counters = {"mine_calls": 0, "anchors_mined": 0, "mine_seconds": 0.0, "last_mean_distance": None}
+        self._counters = {"mine_calls": 0, "anchors_mined": 0, "mine_seconds": 0.0,
+                          "last_mean_distance": None}
         self.restored = self._restore_state()
 
     def _restore_state(self) -> bool:

@@ -5,7 +5,8 @@ Per epoch: draw `query_size` (query, positive) pairs and a random pool of `pool_
   the anchor first (inner product = similarity (2) sym or (3) asym), skipping the anchor's cluster and
   taking at most one image per cluster (`select_hard_negatives`);
 - unlabelled losses (RKD, DarkRank): extra examples uniformly at random (`sample_random_examples`);
-- aml's `ts_rand`: random negatives from distinct clusters, never the anchor's (`sample_random_cluster_negatives`);
+- aml's `ts_rand`: random negatives from distinct clusters, never the anchor's
+  (`sample_random_cluster_negatives`);
 - regression: no mining.
 
 The reference (cirtorch) ranks the whole pool for every query and walks the ranking in Python. Here a
@@ -44,7 +45,8 @@ def epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
 
 
 def sample_epoch_queries(num_pairs: int, query_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions into the (qidxs, pidxs) pair list for this epoch: min(query_size, num_pairs) distinct ones."""
+    """Positions into the (qidxs, pidxs) pair list for this epoch: min(query_size, num_pairs) distinct
+    ones."""
     _require_positive(num_pairs, "the training split has no query/positive pairs")
     _require_positive(query_size, f"query size must be > 0, got {query_size}")
     return rng.permutation(num_pairs)[: min(query_size, num_pairs)].astype(np.int64)
@@ -117,8 +119,9 @@ def _require_enough_clusters(pool_clusters: np.ndarray, anchor_clusters: np.ndar
     distinct = np.unique(pool_clusters)
     available = len(distinct) - np.isin(anchor_clusters, distinct)  # (Q,)
     if len(available) and available.min() < needed:
-        raise UserError(f"the mining pool holds only {int(available.min())} clusters besides an anchor's own, "
-                        f"fewer than the {needed} negatives asked for; use a larger pool or fewer negatives")
+        raise UserError(f"the mining pool holds only {int(available.min())} clusters "
+                        f"besides an anchor's own, fewer than the {needed} negatives asked for; use a larger "
+                        "pool or fewer negatives")
 
 
 def _search_with_widening(search: SearchFn, anchor_vecs, pool_clusters, anchor_clusters,
@@ -139,7 +142,8 @@ def _search_with_widening(search: SearchFn, anchor_vecs, pool_clusters, anchor_c
         if todo.size == 0:
             return chosen
         if k >= pool_size:  # cannot happen after _require_enough_clusters unless search is inexact
-            raise RuntimeError(f"{todo.size} anchors found fewer than {num_negatives} negatives in the full pool")
+            raise RuntimeError(f"{todo.size} anchors found fewer than {num_negatives} "
+                               "negatives in the full pool")
         log.debug("widening the search from k=%d to %d for %d anchors", k, min(2 * k, pool_size), todo.size)
         k = min(2 * k, pool_size)
 

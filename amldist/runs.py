@@ -60,23 +60,27 @@ def check_resume(storage: str | Path, name: str, resume: str | None, epochs: int
     run_dir = Path(storage).expanduser() / name
     existing = checkpoint_dirs(run_dir)
     if resume is None:
-        require(not existing, f"{run_dir} already holds checkpoints of a run named {name!r}; pass --resume to "
-                               "continue it, or --name to start a new run")
+        require(not existing,
+                f"{run_dir} already holds checkpoints of a run named {name!r}; pass --resume to "
+                "continue it, or --name to start a new run")
         leftovers = sorted(entry.name for entry in run_dir.iterdir()) if run_dir.is_dir() else []
-        require(not leftovers, f"{run_dir} already holds files of a run named {name!r} but no checkpoint to "
-                                f"resume ({', '.join(leftovers[:4])}{', ...' if len(leftovers) > 4 else ''}); "
-                                "pass --name to start a new run, or move that folder away")
+        require(not leftovers,
+                f"{run_dir} already holds files of a run named {name!r} but no checkpoint to resume "
+                f"({', '.join(leftovers[:4])}{', ...' if len(leftovers) > 4 else ''}); "
+                "pass --name to start a new run, or move that folder away")
         return None
     if resume == "":
         require(bool(existing), f"nothing to resume: no checkpoints in {run_dir}")
         last = existing[-1]
     else:
-        require(not existing, f"{run_dir} already holds checkpoints; pass --resume without a path to continue "
-                               f"that run, or --name to start a new run from {resume}")
+        require(not existing,
+                f"{run_dir} already holds checkpoints; pass --resume without a path to continue "
+                f"that run, or --name to start a new run from {resume}")
         last = checkpoint_file(resume)
     done = load_epochs_done(checkpoint_file(last))
-    require(done < epochs, f"the checkpoint {last} has finished {done} epochs and --epochs asks for {epochs}; "
-                            f"pass --epochs above {done} to train longer")
+    require(done < epochs,
+            f"the checkpoint {last} has finished {done} epochs and --epochs asks for {epochs}; "
+            f"pass --epochs above {done} to train longer")
     return None if resume == "" else str(Path(last).resolve())  # the workers run in other folders
 
 
@@ -88,4 +92,5 @@ def interrupted_message(storage: str | Path, name: str, run_dir: Path) -> str:
     if not checkpoint_dirs(run_dir):
         return (f"training interrupted before its first checkpoint, so there is nothing to resume: "
                 f"remove {run_dir} or pass --name to start again")
-    return f"training interrupted; its checkpoints are in {run_dir}: the same command with --resume continues it"
+    return (f"training interrupted; its checkpoints are in {run_dir}: "
+            "the same command with --resume continues it")

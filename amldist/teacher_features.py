@@ -26,9 +26,10 @@ from amldist.shards import read_manifest
 log = logging.getLogger(__name__)
 
 
-def compute_features(network: str | Path, split_dir: str | Path, out: str | Path, *, image_size: int | None = None,
-                     scales: Sequence[float] = (1.0,), num_workers: int = 0, batch_size: int = 16,
-                     device: str | None = None, force: bool = False, replace_other: bool = True) -> FeatureStore:
+def compute_features(network: str | Path, split_dir: str | Path, out: str | Path, *,
+                     image_size: int | None = None, scales: Sequence[float] = (1.0,), num_workers: int = 0,
+                     batch_size: int = 16, device: str | None = None, force: bool = False,
+                     replace_other: bool = True) -> FeatureStore:
     """Embed every image of the split with the teacher and write the store; returns it opened.
 
     force recomputes an up-to-date store. replace_other=False refuses (UserError) to replace a store
@@ -38,20 +39,23 @@ def compute_features(network: str | Path, split_dir: str | Path, out: str | Path
     shards = read_manifest(split_dir)
     network, out = Path(network), Path(out)
     device = checked_device(device)  # a GPU asked for but absent: say so before any work
-    provenance = {"network_sha256": file_sha256(network), "image_size": int(image_size or shards["image_size"]),
-                  "scales": [float(s) for s in scales], "dataset": shards["dataset"], "split": shards["split"],
-                  "count": int(shards["num_images"])}
+    provenance = {"network_sha256": file_sha256(network),
+                  "image_size": int(image_size or shards["image_size"]), "scales": [float(s) for s in scales],
+                  "dataset": shards["dataset"], "split": shards["split"], "count": int(shards["num_images"])}
     existing = _existing_store(out, split_dir, provenance, replace_other)
     if existing is not None and not force:
         log.info("%s is up to date; nothing to do (use --force to recompute)", out)
         return existing
     net = load_network_file(network)
     ensure_writable_dir(out, "teacher feature store")  # a read-only disk fails now, not after embedding
-    options = {"image_size": provenance["image_size"], "scales": provenance["scales"], "batch_size": batch_size}
+    options = {"image_size": provenance["image_size"], "scales": provenance["scales"],
+               "batch_size": batch_size}
     features = embed_split(net, split_dir, provenance["count"], num_workers, device, options)
-    return write_feature_store(out, features, network=str(network), network_sha256=provenance["network_sha256"],
+    return write_feature_store(out, features, network=str(network),
+                               network_sha256=provenance["network_sha256"],
                                architecture=net.meta.architecture, image_size=provenance["image_size"],
-                               scales=provenance["scales"], dataset=provenance["dataset"], split=provenance["split"])
+                               scales=provenance["scales"], dataset=provenance["dataset"],
+                               split=provenance["split"])
 
 
 def _existing_store(out: Path, split_dir: str | Path, provenance: dict[str, Any],
@@ -101,4 +105,5 @@ def embed_split(net, split_dir: str | Path, count: int, num_workers: int, device
         return embed(net, source, device=device, desc="teacher features", **options)
     from amldist.distributed_extract import embed_distributed
 
-    return embed_distributed(net, source, num_workers=num_workers, gpus_per_worker=_gpus_per_worker(), **options)
+    return embed_distributed(net, source, num_workers=num_workers, gpus_per_worker=_gpus_per_worker(),
+                             **options)

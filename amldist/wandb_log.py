@@ -78,15 +78,17 @@ class RunLog:
         id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         atomic_write_text(id_file, run_id + "\n")
-        settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True, save_code=False)
-        options = {"project": project, "name": name, "id": run_id, "resume": "allow", "dir": str(self.run_dir),
-                   "config": config, "settings": settings}
+        settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True,
+                                  save_code=False)
+        options = {"project": project, "name": name, "id": run_id, "resume": "allow",
+                   "dir": str(self.run_dir), "config": config, "settings": settings}
         try:
             return wandb.init(mode=mode, **options)
         except Exception as err:  # wandb raises many kinds when it cannot go online
             if mode != "online":
                 raise
-            log.warning("wandb could not start online (%s); logging offline instead", str(err).splitlines()[0])
+            log.warning("wandb could not start online (%s); logging offline instead",
+                        str(err).splitlines()[0])
             return wandb.init(mode="offline", **options)
 
     @property
@@ -95,12 +97,14 @@ class RunLog:
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         record = {"epoch": int(epoch), **json_ready(metrics)}
-        with open(self.metrics_path, "a") as handle:  # one line per epoch; a torn last line is dropped on resume
+        # one line per epoch; a torn last line is dropped on resume
+        with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         if self.run is not None:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))
+                       and not isinstance(v, bool)}
             self.run.log(numbers, step=int(epoch))
 
     def log_image(self, epoch: int, key: str, image: np.ndarray, caption: str) -> None:

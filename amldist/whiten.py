@@ -105,8 +105,8 @@ def learn_pca_whitening(X: np.ndarray) -> Whitening:
     # With fewer images than dimensions the tail eigenvalues are ~0: floor them instead of dividing by 0.
     floor = max(float(values[0]), 1e-12) * 1e-9
     if values[-1] < floor:
-        log.warning("PCA whitening: %d of %d eigenvalues are ~0 (too few images)", int((values < floor).sum()),
-                    len(values))
+        log.warning("PCA whitening: %d of %d eigenvalues are ~0 (too few images)",
+                    int((values < floor).sum()), len(values))
     P = np.diag(np.maximum(values, floor) ** -0.5) @ V.T
     return Whitening(m=m, P=P, meta={"kind": "pca", "num_images": len(X)})
 
@@ -130,7 +130,8 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
             return value.detach().cpu().double().numpy()
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError, RuntimeError):  # text, ragged lists, None: a damaged file
-        raise UserError(f"whitening {key!r} is not an array of numbers (found {type(value).__name__})") from None
+        raise UserError(f"whitening {key!r} is not an array of numbers "
+                        f"(found {type(value).__name__})") from None
 
 
 def whitening_from_dict(raw: Mapping[str, Any]) -> Whitening:
@@ -146,8 +147,8 @@ def whitening_from_dict(raw: Mapping[str, Any]) -> Whitening:
 
 def save_whitening(path: str | Path, w: Whitening) -> None:
     """Atomic torch.save of plain tensors + plain meta (readable with weights_only=True)."""
-    payload = {"m": torch.from_numpy(np.ascontiguousarray(w.m)), "P": torch.from_numpy(np.ascontiguousarray(w.P)),
-               "meta": _plain(w.meta)}
+    payload = {"m": torch.from_numpy(np.ascontiguousarray(w.m)),
+               "P": torch.from_numpy(np.ascontiguousarray(w.P)), "meta": _plain(w.meta)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -156,7 +157,8 @@ def _plain(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Keep only values weights_only loading accepts (str, int, float, bool, None, lists of those)."""
     allowed = (str, int, float, bool, type(None))
     return {str(k): (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()
-            if isinstance(v, allowed) or (isinstance(v, (list, tuple)) and all(isinstance(x, allowed) for x in v))}
+            if isinstance(v, allowed)
+            or (isinstance(v, (list, tuple)) and all(isinstance(x, allowed) for x in v))}
 
 
 def load_whitening(path: str | Path) -> Whitening:

@@ -115,11 +115,13 @@ def _best_metric(trainer: Trainer) -> str:
 
 
 def _open_run_log(job: WorkerJob, progress: Progress) -> RunLog:
-    return RunLog(job.run_dir, mode=job.wandb, project=job.config.run.wandb_project, name=Path(job.run_dir).name,
-                  config=config_to_dict(job.config), start_epoch=progress.epochs_done)
+    return RunLog(job.run_dir, mode=job.wandb, project=job.config.run.wandb_project,
+                  name=Path(job.run_dir).name, config=config_to_dict(job.config),
+                  start_epoch=progress.epochs_done)
 
 
-def _run_epoch(trainer: Trainer, progress: Progress, epoch: int, job: WorkerJob, run_log: RunLog | None) -> None:
+def _run_epoch(trainer: Trainer, progress: Progress, epoch: int, job: WorkerJob,
+               run_log: RunLog | None) -> None:
     config = trainer.config
     every = job.image_every
     wants_probes = run_log is not None and every > 0 and epoch % every == 0
@@ -133,7 +135,8 @@ def _run_epoch(trainer: Trainer, progress: Progress, epoch: int, job: WorkerJob,
         if outcome.probes is not None:
             append_negatives(job.run_dir, epoch, outcome.probes, outcome.probe_negatives)  # Fig. 2 data
             if run_log.run is not None:
-                run_log.log_image(epoch, "hard_negatives", _grid(trainer, outcome.probes, outcome.probe_negatives),
+                run_log.log_image(epoch, "hard_negatives",
+                                  _grid(trainer, outcome.probes, outcome.probe_negatives),
                                   caption=f"epoch {epoch}: anchors (green) and their mined negatives (red)")
         log.info("epoch %d/%d: %s", epoch + 1, config.run.epochs, _summary(metrics))
     last = epoch == config.run.epochs - 1
@@ -141,8 +144,8 @@ def _run_epoch(trainer: Trainer, progress: Progress, epoch: int, job: WorkerJob,
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if trainer.rank == 0 and due:
-            save_training_state(Path(folder) / CHECKPOINT_FILE, trainer.net, trainer.optimizer, trainer.scheduler,
-                                config_to_dict(config), progress, metrics)
+            save_training_state(Path(folder) / CHECKPOINT_FILE, trainer.net, trainer.optimizer,
+                                trainer.scheduler, config_to_dict(config), progress, metrics)
             checkpoint = Checkpoint.from_directory(folder)
         # Every rank reports once per epoch (a barrier); only rank 0 attaches the checkpoint.
         ray.train.report(metrics, checkpoint=checkpoint,
@@ -164,7 +167,8 @@ def _track_best(trainer: Trainer, progress: Progress, metrics: dict, run_dir: Pa
 
 def _grid(trainer: Trainer, probes: np.ndarray, negatives: np.ndarray) -> np.ndarray:
     reader = trainer.images.reader
-    rows = [[reader.read_image(int(a)), *[reader.read_image(int(n)) for n in row]] for a, row in zip(probes, negatives)]
+    rows = [[reader.read_image(int(a)), *[reader.read_image(int(n)) for n in row]]
+            for a, row in zip(probes, negatives)]
     return negatives_grid(rows)
 
 

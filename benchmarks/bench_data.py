@@ -54,7 +54,8 @@ def textured_image(rng: np.random.Generator, width: int, height: int) -> Image.I
         x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
         box = [x0, y0, x0 + int(rng.integers(8, width // 3)), y0 + int(rng.integers(8, height // 3))]
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.rectangle(box, outline=colour, width=int(rng.integers(1, 5)), fill=colour if rng.random() < 0.3 else None)
+        draw.rectangle(box, outline=colour, width=int(rng.integers(1, 5)),
+                       fill=colour if rng.random() < 0.3 else None)
     return image
 
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run that checks the benchmark works")
     parser.add_argument("--images", type=int, default=None, help="number of images (default 240; quick 24)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds, best kept (default 3; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds, best kept (default 3; quick 1)")
     args = parser.parse_args(argv)
     os.environ.setdefault("AMLDIST_NO_PROGRESS", "1")
     num_images = args.images or (24 if args.quick else 240)
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         result = run(num_images, rounds, Path(tmp))
     result.update(quick=args.quick, python=platform.python_version(), torch=torch.__version__,
-                  cpus=os.cpu_count(), command="python benchmarks/bench_data.py" + (" --quick" if args.quick else ""))
+                  cpus=os.cpu_count(),
+                  command="python benchmarks/bench_data.py" + (" --quick" if args.quick else ""))
     print_table(result)
     out = ROOT / "runs" / "bench" / "data.json"
     out.parent.mkdir(parents=True, exist_ok=True)

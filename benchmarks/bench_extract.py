@@ -1,6 +1,7 @@
 """Extraction: images/s of `extract.embed` with aspect-ratio buckets vs one image at a time.
 
-    python benchmarks/bench_extract.py [--quick] [--archs resnet18,mobilenet_v2] [--image-size 1024] [--device cpu]
+    python benchmarks/bench_extract.py [--quick] [--archs resnet18,mobilenet_v2] [--image-size 1024] \
+        [--device cpu]
 
 The reference (cirtorch/aml) forwards test images one at a time (batch size 1) because they keep
 their aspect ratio. Both passes here run `extract.embed` on the same images with the same network in
@@ -112,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run that checks the benchmark works")
     parser.add_argument("--archs", default=None,
                         help="comma-separated networks (default resnet18,mobilenet_v2; quick small_cnn)")
-    parser.add_argument("--projection-dim", type=int, default=512, help="students' 1x1 projection (default 512)")
+    parser.add_argument("--projection-dim", type=int, default=512,
+                        help="students' 1x1 projection (default 512)")
     parser.add_argument("--image-size", type=int, default=None, help="max side (default 1024; quick 256)")
     parser.add_argument("--images", type=int, default=None, help="number of images (default 16; quick 12)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="batch size of the bucketed pass (default: embed's default, 16 on CUDA, 4 on CPU)")
+                        help="batch size of the bucketed pass (default: embed's default, 16 on CUDA, "
+                             "4 on CPU)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="extraction scales")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds, best kept (default 2; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds, best kept (default 2; quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader decode workers (both passes)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -128,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     args.images = args.images or (12 if args.quick else 16)
     args.rounds = args.rounds or (1 if args.quick else 2)
     device_type = torch.device(args.device).type
-    args.batch_size = args.batch_size or extract.DEFAULT_BATCH_SIZE.get(device_type, extract.DEFAULT_BATCH_SIZE["cpu"])
+    args.batch_size = args.batch_size or extract.DEFAULT_BATCH_SIZE.get(device_type,
+                                                                        extract.DEFAULT_BATCH_SIZE["cpu"])
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         result = run(args, Path(tmp))
     result.update(quick=args.quick, python=platform.python_version(), torch=torch.__version__,
-                  cpus=os.cpu_count(), command="python benchmarks/bench_extract.py" + (" --quick" if args.quick else ""))
+                  cpus=os.cpu_count(),
+                  command="python benchmarks/bench_extract.py" + (" --quick" if args.quick else ""))
     print_table(result)
     out = ROOT / "runs" / "bench" / "extract.json"
     out.parent.mkdir(parents=True, exist_ok=True)

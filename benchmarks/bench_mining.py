@@ -55,7 +55,8 @@ def clustered_unit_vectors(num: int, dim: int, rng: np.random.Generator, chunk: 
 def noisy_anchors(pool: np.ndarray, count: int, rng: np.random.Generator):
     """Student anchors: pool images seen by a slightly different network."""
     picks = rng.choice(len(pool), count, replace=False)
-    anchors = pool[picks].astype(np.float32) + 0.3 * rng.standard_normal((count, pool.shape[1]), dtype=np.float32)
+    anchors = pool[picks].astype(np.float32) + 0.3 * rng.standard_normal((count, pool.shape[1]),
+                                                                         dtype=np.float32)
     return anchors / np.linalg.norm(anchors, axis=1, keepdims=True), picks
 
 
@@ -95,13 +96,15 @@ def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count, devic
 
 
 def ours(anchors, pool, pool_clusters, anchor_clusters, count, device="cpu"):
-    """Top-k search (faiss on the CPU; torch-cuda on the GPU, copying the pool there included) + vectorised filter."""
+    """Top-k search (faiss on the CPU; torch-cuda on the GPU, copying the pool there included) + vectorised
+    filter."""
     search = torch_topk_search(pool, device="cuda") if device == "cuda" else None
-    return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters, count,
-                                        search=search)
+    return mining.select_hard_negatives(anchors, pool, np.arange(len(pool)), pool_clusters, anchor_clusters,
+                                        count, search=search)
 
 
-def compare_with_reference(num_queries: int, pool_size: int, dim: int, repeats: int, device: str = "cpu") -> dict:
+def compare_with_reference(num_queries: int, pool_size: int, dim: int, repeats: int,
+                           device: str = "cpu") -> dict:
     rng = np.random.default_rng(0)
     pool16, clusters = clustered_unit_vectors(pool_size, dim, rng)
     pool = pool16.astype(np.float32)
@@ -111,7 +114,8 @@ def compare_with_reference(num_queries: int, pool_size: int, dim: int, repeats: 
     reference_mining(anchors[:50], pool, clusters, anchor_clusters[:50], NUM_NEGATIVES, device)
     best_ref, best_ours = None, float("inf")
     for _ in range(repeats):
-        ref_neg, ref_dist, parts = reference_mining(anchors, pool, clusters, anchor_clusters, NUM_NEGATIVES, device)
+        ref_neg, ref_dist, parts = reference_mining(anchors, pool, clusters, anchor_clusters,
+                                                    NUM_NEGATIVES, device)
         total = sum(parts.values())
         if best_ref is None or total < best_ref["total_s"]:
             best_ref = {"total_s": total, **parts}
@@ -160,8 +164,9 @@ def miner_latency(pool_size: int, dim: int, workdir: Path, backend: str = "auto"
     rng = np.random.default_rng(pool_size)
     vectors, clusters = clustered_unit_vectors(pool_size, dim, rng)
     store_dir = workdir / f"store-{pool_size}"
-    write_feature_store(store_dir, vectors, network="synthetic", network_sha256="0" * 64, architecture="synthetic",
-                        image_size=362, scales=[1.0], dataset="synthetic", split="train")
+    write_feature_store(store_dir, vectors, network="synthetic", network_sha256="0" * 64,
+                        architecture="synthetic", image_size=362, scales=[1.0], dataset="synthetic",
+                        split="train")
     anchors, picks = noisy_anchors(vectors, 2000, rng)
     del vectors
     miner = Miner(clusters, str(store_dir), pool_size=pool_size, backend=backend)
@@ -178,7 +183,8 @@ def miner_latency(pool_size: int, dim: int, workdir: Path, backend: str = "auto"
         miner.hard_negatives(picks[start:start + 10], anchors[start:start + 10], NUM_NEGATIVES)
         batch_times.append(time.perf_counter() - began)
     return {"pool": pool_size, "dim": dim, "backend": miner.backend, "store_mb": pool_size * dim * 2 / 2**20,
-            "build_index_s": build, "epoch_2000_s": epoch, "batch_10_ms": 1000 * float(np.median(batch_times))}
+            "build_index_s": build, "epoch_2000_s": epoch,
+            "batch_10_ms": 1000 * float(np.median(batch_times))}
 
 
 def print_tables(result: dict) -> None:
@@ -192,8 +198,9 @@ def print_tables(result: dict) -> None:
     print(f"{'ours (top-k + vectorised filter)':<44}{ref['ours_s']:>10.3f}")
     print(f"speed-up: {ref['speedup']:.1f}x   identical rows: {100 * ref['identical_rows']:.2f}%   "
           f"same negatives (any order): {100 * ref['same_sets']:.2f}%")
-    print(f"floor: the float32 product alone takes {ref['product_floor_s']:.3f} s, so no exact float32 search "
-          f"can be more than {ref['speedup_bound']:.1f}x faster than the reference here")
+    print(f"floor: the float32 product alone takes {ref['product_floor_s']:.3f} s, "
+          f"so no exact float32 search can be more than {ref['speedup_bound']:.1f}x faster "
+          "than the reference here")
     print(f"\nMiner latency ({result['latency'][0]['backend'] if result['latency'] else '-'}), float16 store")
     print(f"{'pool':>10}{'store MB':>10}{'pool s':>10}{'epoch s':>10}{'batch ms':>10}")
     for row in result["latency"]:
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where both sides run (default cpu; cuda: see above)")
     parser.add_argument("--pools", default=None, help="comma list of miner pool sizes (default 22k..1M)")
-    parser.add_argument("--out", default=None, help="default runs/bench/mining.json (mining-cuda.json on cuda)")
+    parser.add_argument("--out", default=None,
+                        help="default runs/bench/mining.json (mining-cuda.json on cuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     dim = 512

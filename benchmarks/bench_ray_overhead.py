@@ -71,12 +71,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as storage:
         phases = [fit_phases(args.num_workers, storage, index) for index in range(fits)]
     fit_s = [phase["fit_s"] for phase in phases]
-    results = {"num_workers": args.num_workers, "import_s": imports, "ray_init_s": init_s, "noop_fit_s": fit_s,
-               "noop_fit_phases": phases}
+    results = {"num_workers": args.num_workers, "import_s": imports, "ray_init_s": init_s,
+               "noop_fit_s": fit_s, "noop_fit_phases": phases}
     for module, seconds in imports.items():
         print(f"import {module:<28} {seconds:6.1f} s")
     print(f"ray.init (local)                   {init_s:6.1f} s")
-    print(f"no-op TorchTrainer.fit, {args.num_workers} workers   " + ", ".join(f"{s:.1f}" for s in fit_s) + " s")
+    print(f"no-op TorchTrainer.fit, {args.num_workers} workers   "
+          + ", ".join(f"{s:.1f}" for s in fit_s) + " s")
     for name, label in (("to_train_fn_s", "  until the train function starts"),
                         ("import_in_worker_s", "  import amldist.worker in it"),
                         ("after_train_fn_s", "  after it returns")):

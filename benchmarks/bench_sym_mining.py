@@ -87,7 +87,8 @@ def run(num_ranks: int, num_anchors: int, pool_size: int, dim: int, repeats: int
     ranks_s, actor_s, same = [], [], True
     for round_index in range(repeats + 1):  # round 0 warms up: worker processes, imports, faiss threads
         started = time.perf_counter()
-        local = ray.get([in_rank.remote(pool_ref, pool_ids, clusters, anchors[p], anchor_clusters[p]) for p in parts])
+        local = ray.get([in_rank.remote(pool_ref, pool_ids, clusters, anchors[p], anchor_clusters[p])
+                         for p in parts])
         ranks_s.append(time.perf_counter() - started)
         started = time.perf_counter()
         first = rank_via_actor.remote(0, pool_ref, anchors[parts[0]], anchor_clusters[parts[0]], None)

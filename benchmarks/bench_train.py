@@ -99,7 +99,8 @@ def approaches(mode: str, device: torch.device, cpu_bf16: bool) -> list[tuple[st
         out.append(("ours, fp32 (no autocast)", {"settings": {"amp_dtype": None}}))
         out.append(("ours, contiguous (no channels-last)", {"settings": {"channels_last": False}}))
         out.append(("ours + cudnn.benchmark", {"cudnn_benchmark": True}))
-        out.append(("ours, exact-shape batches", {"settings": {"max_pad_frac": 0.0, "anchors_one_batch": False}}))
+        out.append(("ours, exact-shape batches",
+                    {"settings": {"max_pad_frac": 0.0, "anchors_one_batch": False}}))
         out.append(("ours, one padded batch + cudnn.benchmark", {"settings": {"max_pad_frac": 0.99},
                                                                  "cudnn_benchmark": True}))
         return out
@@ -161,11 +162,13 @@ def cpu_bf16_supported() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small images and batch, one round (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small images and batch, one round (a smoke run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="longest image side (default 362 on GPU, 256 on CPU; quick 96)")
-    parser.add_argument("--batch", type=int, default=None, help="tuples per batch (default 10 on GPU, 5 on CPU; quick 4)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="tuples per batch (default 10 on GPU, 5 on CPU; quick 4)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; quick 1)")
     parser.add_argument("--steps", type=int, default=1, help="timed optimiser steps per approach and round")
     parser.add_argument("--modes", default="sym,asym", help="comma list of sym, asym (default both)")
@@ -192,14 +195,16 @@ def main() -> None:
             for label, options in plan:
                 seconds = time_approach(mode, options, tuples, images, teacher, device, steps)
                 seen[label].append(batch / seconds)
-                print(f"  round {round_index + 1}: {mode} {label}: {batch / seconds:.2f} tuples/s", flush=True)
+                print(f"  round {round_index + 1}: {mode} {label}: {batch / seconds:.2f} tuples/s",
+                      flush=True)
         results[mode] = {label: max(rates) for label, rates in seen.items()}  # best round
     report(results, device, size, batch, rounds * steps, args.quick, rounds_seen)
 
 
 def report(results, device, size, batch, rounds, quick, rounds_seen) -> None:
-    print(f"device {device}, images <= {size} px, {batch} tuples per batch (1 + {NUM_POSITIVES} + {NUM_NEGATIVES} "
-          f"images), MobileNetV2 -> {DIM}, best of {rounds} timed steps in interleaved rounds")
+    print(f"device {device}, images <= {size} px, {batch} tuples per batch (1 + "
+          f"{NUM_POSITIVES} + {NUM_NEGATIVES} images), MobileNetV2 -> {DIM}, "
+          f"best of {rounds} timed steps in interleaved rounds")
     print(f"{'mode':5} {'approach':36} {'tuples/s':>10} {'vs reference':>13}")
     for mode, rates in results.items():
         for label, rate in rates.items():
@@ -214,8 +219,8 @@ def report(results, device, size, batch, rounds, quick, rounds_seen) -> None:
         print(f"{device_name}: peak GPU memory allocated {gpu_peak_mib:.0f} MiB")
     summary = {"device": str(device), "device_name": device_name, "gpu_peak_allocated_mib": gpu_peak_mib,
                "torch": torch.__version__, "image_size": size, "batch_tuples": batch, "rounds": rounds,
-               "quick": quick, "threads": torch.get_num_threads(), "peak_rss_mib": peak_mib, "tuples_per_s": results,
-               "tuples_per_s_each_round": rounds_seen,
+               "quick": quick, "threads": torch.get_num_threads(), "peak_rss_mib": peak_mib,
+               "tuples_per_s": results, "tuples_per_s_each_round": rounds_seen,
                "speedup": {mode: {label: rate / rates["reference"] for label, rate in rates.items()}
                            for mode, rates in results.items()}}
     parts = ([] if set(results) == {"sym", "asym"} else list(results)) + (["cuda"] if gpu else [])

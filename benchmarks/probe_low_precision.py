@@ -5,10 +5,10 @@
 
 An exact search in low precision would take each anchor's short list from the cheap product and
 re-rank it in float32; that pays only if the cheap product is well under the float32 one, by more than
-its own top-k (timed last: faiss fuses that into its float32 search, here it is a pass of its own). Each variant
-runs once to warm up, then `--repeats` times (best kept); a variant slower than `--give-up` seconds on
-its warm-up is reported from that one call. Not part of `make bench` (it compares precisions, not our
-approach with the reference). Writes runs/bench/low_precision.json.
+its own top-k (timed last: faiss fuses that into its float32 search, here it is a pass of its own).
+Each variant runs once to warm up, then `--repeats` times (best kept); a variant slower than `--give-up`
+seconds on its warm-up is reported from that one call. Not part of `make bench` (it compares precisions,
+not our approach with the reference). Writes runs/bench/low_precision.json.
 """
 
 from __future__ import annotations
@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<40} not available: {results[name]['error']}")
                 continue
             results[name] = {"seconds": seconds, "calls": calls}
-            print(f"{name:<40}{seconds:>9.3f} s" + ("   (one call: too slow to repeat)" if calls == 1 else ""))
+            print(f"{name:<40}{seconds:>9.3f} s"
+                  + ("   (one call: too slow to repeat)" if calls == 1 else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"queries": args.queries, "pool": args.pool, "dim": args.dim,
-                               "torch_threads": torch.get_num_threads(), "results": results}, indent=1) + "\n")
+                               "torch_threads": torch.get_num_threads(), "results": results},
+                              indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

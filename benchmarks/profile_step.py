@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     tuples = bench_train.make_tuples(args.batch)
-    images = bench_train.make_images(len(tuples) * (1 + bench_train.NUM_POSITIVES + bench_train.NUM_NEGATIVES),
-                                     args.image_size, seed=0)
+    images = bench_train.make_images(
+        len(tuples) * (1 + bench_train.NUM_POSITIVES + bench_train.NUM_NEGATIVES), args.image_size, seed=0)
     teacher = bench_train.VectorTable(np.arange(len(images)),
                                       torch.randn(len(images), bench_train.DIM).to(device))
     for _ in range(2):  # warm-up: kernel selection, allocator
@@ -43,9 +43,9 @@ def main() -> None:
         seconds = bench_train.time_approach(args.mode, {}, tuples, images, teacher, device, 2)
     events = prof.key_averages()
     device_us = sum(event.self_device_time_total for event in events) if device.type == "cuda" else 0
-    print(f"{args.mode} step on {device}: {seconds * 1000:.1f} ms (best of 2); profiled region (network set-up "
-          f"and 2 steps): host {sum(e.self_cpu_time_total for e in events) / 1000:.1f} ms, "
-          f"device {device_us / 1000:.1f} ms")
+    print(f"{args.mode} step on {device}: {seconds * 1000:.1f} ms (best of 2); "
+          "profiled region (network set-up and 2 steps): host "
+          f"{sum(e.self_cpu_time_total for e in events) / 1000:.1f} ms, device {device_us / 1000:.1f} ms")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48))
     if device.type == "cuda":
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=48))

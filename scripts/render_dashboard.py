@@ -72,7 +72,8 @@ def history(run_dirs: list[Path]) -> dict[int, dict[str, float]]:
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item}
                 step = int(items.get("_step", record.history.step.num))
-                steps[step] = {k: v for k, v in items.items() if isinstance(v, (int, float)) and not k.startswith("_")}
+                steps[step] = {k: v for k, v in items.items() if isinstance(v, (int, float))
+                               and not k.startswith("_")}
     return dict(sorted(steps.items()))
 
 
@@ -116,7 +117,8 @@ def render(run_folder: Path, out: Path) -> None:
         ax.grid(alpha=0.3)
     shown = [min(grids), max(grids)] if len(grids) > 1 else list(grids)
     for column, epoch in enumerate(shown):
-        ax = fig.add_subplot(spec[2, column * 3 // 2: (column + 1) * 3 // 2] if len(shown) > 1 else spec[2, :])
+        ax = fig.add_subplot(spec[2, column * 3 // 2: (column + 1) * 3 // 2] if len(shown) > 1
+                             else spec[2, :])
         ax.imshow(Image.open(grids[epoch]))
         ax.set_title(f"hard_negatives, epoch {epoch + 1}: anchors (green), mined negatives (red)", fontsize=9,
                      loc="left")

@@ -43,7 +43,8 @@ def tile(seed: int, spec: LandmarkSpec, view_id: int, kind: str, image_size: int
     landmark = make_landmark(seed, spec)
     box = landmark.box()
     view = sample_view(seed, spec.landmark_id, view_id, kind, box, image_size)
-    image = Image.open(io.BytesIO(photograph(seed, scene, view, box, spec.landmark_id, view_id))).convert("RGB")
+    image = Image.open(io.BytesIO(
+        photograph(seed, scene, view, box, spec.landmark_id, view_id))).convert("RGB")
     if kind == "query":
         bbx, _ = box_in_image(view, box)
         ImageDraw.Draw(image).rectangle(bbx, outline=(255, 220, 0), width=max(2, image_size // 128))

@@ -45,7 +45,8 @@ def test_scores(descriptor_fn, root: Path) -> dict[str, dict[str, float]]:
     for name in TEST_NAMES:
         records = formats.list_images(root, name)
         truth = formats.read_gnd(layout.gnd_path(root, name))
-        result = evaluate_descriptors(descriptor_fn(records["db"]), descriptor_fn(records["query"]), truth.gnd)
+        result = evaluate_descriptors(descriptor_fn(records["db"]), descriptor_fn(records["query"]),
+                                      truth.gnd)
         out[name] = {setting: round(result[setting]["mAP"], 2) for setting in ("easy", "medium", "hard")}
     return out
 
@@ -94,8 +95,9 @@ def choose_negatives(rng: np.random.Generator, queries: np.ndarray, cluster: np.
     if mining == "hard":
         with torch.no_grad():
             net.eval()
-            pool = np.concatenate([forward_images(net, images, list(range(s, min(s + 64, len(images))))).numpy()
-                                   for s in range(0, len(images), 64)])  # (N, D)
+            pool = np.concatenate([
+                forward_images(net, images, list(range(s, min(s + 64, len(images))))).numpy()
+                for s in range(0, len(images), 64)])  # (N, D)
             net.train()
         order = np.argsort(-(pool[queries] @ pool.T), axis=1)  # (Q, N), most similar first
     else:
@@ -140,9 +142,11 @@ def train(net, images, split, mining: str, steps: int, batch_tuples: int, mine_e
             log.info("%s step %d loss %.4f", mining, step + 1, float(np.mean(losses[-50:])))
     net.eval()
     # CPU seconds (all threads) do not depend on what else runs on the machine; wall seconds do.
-    return {"steps": steps, "tuples": steps * batch_tuples, "first_loss": round(float(np.mean(losses[:20])), 4),
+    return {"steps": steps, "tuples": steps * batch_tuples,
+            "first_loss": round(float(np.mean(losses[:20])), 4),
             "final_loss": round(float(np.mean(losses[-50:])), 4),
-            "train_wall_s": round(time.monotonic() - wall, 1), "train_cpu_s": round(time.process_time() - cpu, 1)}
+            "train_wall_s": round(time.monotonic() - wall, 1),
+            "train_cpu_s": round(time.process_time() - cpu, 1)}
 
 
 def main() -> None:
@@ -175,8 +179,10 @@ def main() -> None:
         if "untrained" not in results:
             results["untrained"] = test_scores(network_descriptors(net, args.test_size), args.root)
             log.info("untrained small_cnn: %s", results["untrained"])
-        info = train(net, images, split, mining, args.steps, args.batch_tuples, args.mine_every, args.lr, args.seed)
-        results[f"trained_{mining}"] = {**test_scores(network_descriptors(net, args.test_size), args.root), **info}
+        info = train(net, images, split, mining, args.steps, args.batch_tuples, args.mine_every, args.lr,
+                     args.seed)
+        results[f"trained_{mining}"] = {**test_scores(network_descriptors(net, args.test_size), args.root),
+                                        **info}
         log.info("trained (%s negatives): %s", mining, results[f"trained_{mining}"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,6 +1,7 @@
 """How well a teacher's feature store separates the training clusters: the similarities a margin meets.
 
-    python scripts/teacher_space_stats.py --store STORE_DIR --db data/synth-tiny/train/retrieval-SfM-120k/retrieval-SfM-120k.pkl
+    python scripts/teacher_space_stats.py --store STORE_DIR \
+        --db data/synth-tiny/train/retrieval-SfM-120k/retrieval-SfM-120k.pkl
 
 For every query image of the training split's pairs, in the teacher's space: the similarity to its
 positive, and to its hard negatives as asymmetric mining at convergence would pick them (the teacher's
@@ -42,7 +43,8 @@ def describe(name: str, values: np.ndarray) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, help="teacher feature store of the training split")
-    parser.add_argument("--db", required=True, help="the dataset's retrieval-SfM-120k.pkl (pairs and clusters)")
+    parser.add_argument("--db", required=True,
+                        help="the dataset's retrieval-SfM-120k.pkl (pairs and clusters)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--neg-num", type=int, default=5, help="hard negatives per query (default 5)")
     args = parser.parse_args(argv)

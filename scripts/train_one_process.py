@@ -37,7 +37,8 @@ from amldist.training.epoch import Trainer
 from amldist.training.paths import prepare_inputs
 from amldist.training.state import Progress
 
-SHOWN = ("loss", "avg_neg_distance", "val_map_sym", "val_map_asym", "tuples_per_s", "epoch_time_s", "miner_wait_s")
+SHOWN = ("loss", "avg_neg_distance", "val_map_sym", "val_map_asym", "tuples_per_s", "epoch_time_s",
+         "miner_wait_s")
 
 
 def free_port() -> int:
@@ -67,13 +68,14 @@ def ddp_wrapper(device: torch.device):
 def train(config, device: torch.device) -> list[dict]:
     paths, train_labels = prepare_inputs(config)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    miner = Miner(train_labels.clusters, paths.train_store, paths.val_store, pool_size=config.mining.pool_size,
-                  backend=config.mining.backend)
+    miner = Miner(train_labels.clusters, paths.train_store, paths.val_store,
+                  pool_size=config.mining.pool_size, backend=config.mining.backend)
     trainer = Trainer(config, paths, MinerClient(miner), device=device, wrap=ddp_wrapper(device), rank=rank,
                       world_size=world_size)
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # one log under torchrun
     say(f"device {device}, miner backend {miner.backend}, autocast {trainer.settings.amp_dtype}, "
-          f"channels-last {trainer.settings.channels_last}, process group {dist.get_backend()} x {world_size}",
+          f"channels-last {trainer.settings.channels_last}, "
+          f"process group {dist.get_backend()} x {world_size}",
           flush=True)
     progress, epochs = Progress(), []
     for epoch in range(config.run.epochs):

@@ -1,4 +1,5 @@
-"""Shared test set-up: quiet progress bars and Ray, CPU-only torch unless AMLDIST_TEST_GPU=1, small thread counts."""
+"""Shared test set-up: quiet progress bars and Ray, CPU-only torch unless AMLDIST_TEST_GPU=1, small thread
+counts."""
 
 import os
 

@@ -38,7 +38,8 @@ def test_checkpoint_round_trip_restores_outputs_and_optimizer(tmp_path):
     net, optimizer, scheduler = _trained_net_and_optimizer()
     path = tmp_path / "run" / "model_epoch2.pth"
     save_checkpoint(path, net, epoch=2, optimizer=optimizer, scheduler=scheduler,
-                    config={"loss": "contrastive", "lr": 0.1, "data": tmp_path}, metrics={"val_loss": np.float32(0.25)})
+                    config={"loss": "contrastive", "lr": 0.1, "data": tmp_path},
+                    metrics={"val_loss": np.float32(0.25)})
     loaded, info = load_checkpoint(path)
     x = torch.randn(3, 3, 48, 40)
     with torch.no_grad():
@@ -83,7 +84,8 @@ def _cirtorch_style_file(path, net, extra_meta=None):
 def test_cirtorch_teacher_file_with_numpy_whitening_loads(tmp_path):
     torch.manual_seed(2)
     teacher = create_net("resnet18", pretrained=False, whitening=True).eval()
-    whitening = {"retrieval-SfM-120k": {"ss": {"m": np.random.rand(512, 1), "P": np.eye(512, dtype=np.float32)},
+    whitening = {"retrieval-SfM-120k": {"ss": {"m": np.random.rand(512, 1),
+                                               "P": np.eye(512, dtype=np.float32)},
                                         "ms": {"m": np.zeros((512, 1)), "P": np.ones((512, 512))}}}
     path = tmp_path / "retrievalSfM120k-resnet18-gem-w.pth"
     _cirtorch_style_file(path, teacher, {"Lw": whitening})
@@ -93,7 +95,8 @@ def test_cirtorch_teacher_file_with_numpy_whitening_loads(tmp_path):
         torch.testing.assert_close(loaded(x), teacher(x), rtol=0, atol=0)
     assert loaded.meta.projection_dim is None and loaded.whiten is not None
     lw = loaded.meta.extra["Lw"]["retrieval-SfM-120k"]["ss"]
-    assert isinstance(lw["P"], np.ndarray) and np.array_equal(lw["m"], whitening["retrieval-SfM-120k"]["ss"]["m"])
+    assert isinstance(lw["P"], np.ndarray) \
+        and np.array_equal(lw["m"], whitening["retrieval-SfM-120k"]["ss"]["m"])
 
 
 def test_aml_student_file_without_projection_key_loads(tmp_path):
@@ -172,7 +175,8 @@ def test_bad_files_are_user_errors(tmp_path):
         load_network_file(junk)
     wrong = tmp_path / "wrong.pth"
     resnet = create_net("resnet18", pretrained=False)
-    torch.save({"state_dict": resnet.state_dict(), "meta": {**resnet.meta.to_dict(), "architecture": "small_cnn"}},
+    torch.save({"state_dict": resnet.state_dict(),
+                "meta": {**resnet.meta.to_dict(), "architecture": "small_cnn"}},
                wrong)
     with pytest.raises(UserError, match="do not match a small_cnn network"):
         load_network_file(wrong)
@@ -189,8 +193,10 @@ def test_bad_files_are_user_errors(tmp_path):
 
 def test_aml_timm_efficientnet_file_is_refused_clearly(tmp_path):
     path = tmp_path / "efficientnet_b3_gem_contr_vgg16.pth.tar"
-    weights = {"features.0.weight": torch.zeros(40, 3, 3, 3), "features.3.0.0.conv_dw.weight": torch.zeros(40, 1, 3, 3)}
-    meta = {"architecture": "efficientnet_b3", "pooling": "gem", "mean": [0.5] * 3, "std": [0.2] * 3, "outputdim": 512}
+    weights = {"features.0.weight": torch.zeros(40, 3, 3, 3),
+               "features.3.0.0.conv_dw.weight": torch.zeros(40, 1, 3, 3)}
+    meta = {"architecture": "efficientnet_b3", "pooling": "gem", "mean": [0.5] * 3, "std": [0.2] * 3,
+            "outputdim": 512}
     torch.save({"state_dict": weights, "meta": meta}, path)
     with pytest.raises(UserError, match="timm tf_efficientnet_b3"):
         load_network_file(path)

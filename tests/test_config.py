@@ -52,7 +52,8 @@ def test_there_is_a_preset_for_every_row_of_table3_and_table2():
     baselines = {f"{s}-{d}-contr-sym" for s in ("mnv2", "effb3") for d in (512, 2048)}
     teachers = {"vgg16-contr-sym", "r101-contr-sym"}
     table2 = {"mnv2-vgg16-contr-pos-asym", "mnv2-vgg16-contr-selfpos-asym"}
-    tiny = {"tiny-teacher-contr-sym", "tiny-student-contrplus-asym", "tiny-student-reg-asym", "tiny-student-contr-sym"}
+    tiny = {"tiny-teacher-contr-sym", "tiny-student-contrplus-asym", "tiny-student-reg-asym",
+            "tiny-student-contr-sym"}
     assert set(PRESETS) == table3 | baselines | teachers | table2 | tiny
 
 
@@ -88,8 +89,9 @@ def test_paper_presets_carry_the_section_4_1_settings(name):
         assert config.mining.kind == DEFAULT_MINING[spec.family]
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if n.count("-") >= 2 and n.split("-")[1] in ("vgg16", "r101")
-                                  and not n.startswith(("vgg16-", "r101-"))])
+@pytest.mark.parametrize("name",
+                         [n for n in PRESETS if n.count("-") >= 2 and n.split("-")[1] in ("vgg16", "r101")
+                          and not n.startswith(("vgg16-", "r101-"))])
 def test_preset_names_say_what_the_preset_does(name):
     student, teacher, loss = name.split("-")[:3]
     config = load_preset(name)
@@ -151,9 +153,11 @@ def test_unset_loss_values_come_from_the_registry():
     assert (sym.loss.asym, sym.optim.lr, sym.run.epochs, sym.model.teacher) == (False, 1e-5, 100, None)
     dr = config_from_dict({"model": {"arch": "efficientnet_b3", "teacher": "resnet101"},
                            "loss": {"name": "darkrank"}})
-    assert (dr.optim.lr, dr.mining.kind, dr.loss.asym, dr.model.projection_dim) == (1e-7, "random", False, 2048)
+    assert (dr.optim.lr, dr.mining.kind, dr.loss.asym, dr.model.projection_dim) == \
+        (1e-7, "random", False, 2048)
     ms = config_from_dict({"loss": {"name": "ms", "form": "code"}})
-    assert (ms.loss.form, ms.loss.margin, ms.loss.alpha, ms.loss.beta, ms.optim.lr) == ("aml", 0.5, 2.0, 40.0, 1e-8)
+    assert (ms.loss.form, ms.loss.margin, ms.loss.alpha, ms.loss.beta, ms.optim.lr) == \
+        ("aml", 0.5, 2.0, 40.0, 1e-8)
     reg = config_from_dict({"model": {"teacher": "resnet101", "arch": "resnet50"}, "loss": {"name": "reg"}})
     assert reg.model.projection_dim is None  # resnet50 already has d = 2048
     assert (reg.mining.kind, reg.optim.lr, reg.loss.margin) == ("none", 1e-3, None)
@@ -248,8 +252,8 @@ def test_with_overrides_and_dotted_dicts_for_ray_tune():
     assert (trial.optim.lr, trial.run.seed, trial.loss.name) == (3e-4, 4, "regression")
     flat = config_from_dict({**config_to_dict(base), "optim.lr": 5e-4})
     assert flat.optim.lr == 5e-4
-    raw = apply_overrides(preset_dict("mnv2-vgg16-contr-asym"), [("loss.name", "triplet"), ("loss.margin", None),
-                                                                 ("optim.lr", None)])
+    raw = apply_overrides(preset_dict("mnv2-vgg16-contr-asym"),
+                          [("loss.name", "triplet"), ("loss.margin", None), ("optim.lr", None)])
     switched = config_from_dict(raw)
     assert (switched.loss.name, switched.loss.margin, switched.optim.lr) == ("triplet", 0.1, 1e-8)
 
@@ -361,7 +365,8 @@ def test_presets_readme_lists_every_preset_as_it_is():
     assert sorted(rows) == list_presets()
     for name, (arch, _teacher, dim, loss, mining, asym, lr, margin, epochs) in rows.items():
         config = load_preset(name)
-        assert (arch, loss.split()[0], mining) == (config.model.arch, config.loss.name, config.mining.kind), name
+        assert (arch, loss.split()[0], mining) == (config.model.arch, config.loss.name,
+                                                   config.mining.kind), name
         assert (asym == "✓", int(epochs)) == (config.loss.asym, config.run.epochs), name
         assert lr.split() == [config.optim.optimizer, f"{config.optim.lr:g}"], name
         assert margin == ("–" if config.loss.margin is None else f"{config.loss.margin:g}"), name

@@ -49,7 +49,8 @@ def test_printed_table_reads_back_with_every_number_and_description():
     assert labels == ["ROxf", "RPar"]
     assert [r["student"] for r in rows] == ["resnet18", "efficientnet_b3"]  # a name wider than the header
     teacher, student = rows
-    assert teacher["teacher"] is None and teacher["labels"] and not teacher["asym"] and teacher["mining"] == "hard"
+    assert teacher["teacher"] is None and teacher["labels"] and not teacher["asym"] \
+        and teacher["mining"] == "hard"
     assert student["teacher"] == "resnet18" and not student["labels"] and student["asym"]
     assert student["mining"] == "none" and student["loss"] == "Reg (7)" and student["dim"] == 2048
     # rounded to one decimal: 40.25 -> 40.2, RPar medium = 40.25 + 1; hard = 40.25 / 2 (+1)
@@ -104,7 +105,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_training_curves_png_from_metrics_records(tmp_path):
     runs = {"teacher": [{"epoch": e, "loss": 1.0 / (e + 1), "val_map_sym": 10.0 + e} for e in range(4)],
-            "reg": [{"epoch": e, "loss": 0.2, "val_map_sym": 5.0, "val_map_asym": float(e)} for e in range(4)]}
+            "reg": [{"epoch": e, "loss": 0.2, "val_map_sym": 5.0, "val_map_asym": float(e)}
+                    for e in range(4)]}
     width, height = _png_size(plots.plot_training_curves(runs, tmp_path / "curves.png"))
     assert width > 2 * height  # three panels side by side
     with pytest.raises(ValueError):
@@ -112,7 +114,8 @@ def test_training_curves_png_from_metrics_records(tmp_path):
 
 
 def test_negatives_grouped_by_anchor_over_epochs_and_drawn(tmp_path):
-    records = [{"epoch": e, "anchors": [7, 9], "negatives": [[e, e + 1, e + 2], [20 + e, 21, 22]]} for e in (2, 0, 1)]
+    records = [{"epoch": e, "anchors": [7, 9], "negatives": [[e, e + 1, e + 2], [20 + e, 21, 22]]}
+               for e in (2, 0, 1)]
     grouped = plots.negatives_by_anchor(records)
     assert grouped[7] == [(0, [0, 1, 2]), (1, [1, 2, 3]), (2, [2, 3, 4])]
     assert [epoch for epoch, _ in grouped[9]] == [0, 1, 2]
@@ -127,7 +130,8 @@ def test_negatives_grouped_by_anchor_over_epochs_and_drawn(tmp_path):
     # one anchor, epochs 0 and 2 (first and last kept): anchor 7 and negatives 0,1,2 / 2,3,4, each loaded once
     assert sorted(loaded) == [0, 1, 2, 3, 4, 7]
     with pytest.raises(ValueError):
-        plots.plot_negatives_over_epochs([{"epoch": 0, "anchors": [1], "negatives": [[]]}], load, tmp_path / "x.png")
+        plots.plot_negatives_over_epochs([{"epoch": 0, "anchors": [1], "negatives": [[]]}], load,
+                                         tmp_path / "x.png")
 
 
 def test_spread_keeps_first_and_last():
@@ -150,7 +154,8 @@ def test_landmarks_are_the_distinct_positive_sets_of_queries():
            {"easy": np.array([3]), "hard": np.array([4, 5]), "junk": np.array([])},
            {"easy": np.array([6]), "hard": np.array([]), "junk": np.array([])}]
     truth = GroundTruth(imlist=[f"x_{i}" for i in range(10)],
-                        qimlist=["rox_000056_0000", "rox_000056_0001", "rox_000059_0000", "rox_000061_0000"], gnd=gnd)
+                        qimlist=["rox_000056_0000", "rox_000056_0001", "rox_000059_0000", "rox_000061_0000"],
+                        gnd=gnd)
     chosen = embeddings.pick_landmarks(truth, num_landmarks=2, per_landmark=2)
     assert chosen.positions.tolist() == [0, 1, 3, 4]
     assert chosen.labels == ["rox_000056", "rox_000056", "rox_000059", "rox_000059"]
@@ -199,7 +204,8 @@ def test_random_ranking_floor_matches_the_share_of_positives():
 def test_negatives_log_keeps_the_last_line_of_each_epoch(tmp_path):
     append_negatives(tmp_path, 0, np.array([3, 4]), np.array([[1, 2], [5, 6]]))
     append_negatives(tmp_path, 1, np.array([3, 4]), np.array([[7, 8], [9, 1]]))
-    append_negatives(tmp_path, 1, np.array([3, 4]), np.array([[2, 2], [2, 2]]))  # epoch 1 again after a resume
+    # epoch 1 again after a resume
+    append_negatives(tmp_path, 1, np.array([3, 4]), np.array([[2, 2], [2, 2]]))
     with open(tmp_path / NEGATIVES_FILE, "a") as handle:
         handle.write('{"epoch": 2, "anch')  # torn by a crash
     records = read_negatives(tmp_path)
@@ -211,11 +217,13 @@ def test_negatives_log_keeps_the_last_line_of_each_epoch(tmp_path):
 def test_report_files_link_every_figure_and_hold_the_table(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "fig.png")
     rows = _rows()
-    content = ReportContent(title="demo", command="amldist demo", setup=["data"], table_text=format_table(rows, DATASETS),
+    content = ReportContent(title="demo", command="amldist demo", setup=["data"],
+                            table_text=format_table(rows, DATASETS),
                             table_markdown=format_markdown(rows, DATASETS), notes=["honest"],
                             figures=[Figure("fig.png", "Fig", "caption text")],
                             runs=[RunSummary("r", "what", "ck.pth", 3, ("runs/r/wandb/offline-run-1",))],
-                            stages=[StageTiming("synth", "reused", 1.5, "d"), StageTiming("eval", "built", 2.0)])
+                            stages=[StageTiming("synth", "reused", 1.5, "d"),
+                                    StageTiming("eval", "built", 2.0)])
     md_path, html_path = write_report(tmp_path, content)
     markdown = md_path.read_text()
     assert "![Fig](fig.png)" in markdown and "caption text" in markdown
@@ -249,7 +257,8 @@ def test_each_run_is_what_amldist_train_builds_with_the_demo_overrides(tmp_path)
     assert config.run.epochs == 1 and config.optim.lr == 0.002 and config.model.teacher == "t.pth"
     assert config.run.num_workers == 2 and config.loss.name == "contrastive_plus"
     assert demo_settings("tiny").report_dir == Path("runs/demo")
-    assert demo_settings("tiny").run_name(TEACHER_RUN) == "tiny-teacher-contr-sym"  # the students' preset path
+    # the students' preset path
+    assert demo_settings("tiny").run_name(TEACHER_RUN) == "tiny-teacher-contr-sym"
     with pytest.raises(UserError):
         demo_settings("huge")
 
@@ -261,7 +270,8 @@ def test_every_demo_size_gives_valid_configs_for_all_runs(size):
         config = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else [])
         assert config.data.image_size == settings.train_image_size
         assert config.run.name.startswith(f"{size}-") and config.run.num_workers == settings.num_workers
-        assert f": {config.model.arch}," in run.description  # the report's run table names the preset's network
+        # the report's run table names the preset's network
+        assert f": {config.model.arch}," in run.description
     assert settings.test_image_size >= settings.train_image_size
 
 
@@ -312,7 +322,8 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
     assert printed[0]["scores"]["asym"]["ROxf"]["medium"] is None  # the teacher row: symmetric only
     assert printed[2]["scores"]["asym"]["ROxf"]["medium"] is not None  # Contr+ student: both
     assert {s.status for s in result.stages if s.name != "report"} == {"built"}
-    assert len(table["rows_without_whitening"]) == 4 and set(table["random_ranking"]) == set(table["datasets"])
+    assert len(table["rows_without_whitening"]) == 4 \
+        and set(table["random_ranking"]) == set(table["datasets"])
     markdown = (report / "report.md").read_text()
     assert "offline-run-" in markdown and "hard_negatives.png" in markdown and "without whitening" in markdown
     assert sum(1 for line in lines if line.startswith("[") and " in " in line) == len(STAGES)
@@ -330,14 +341,15 @@ def test_time_table_gives_each_runs_mean_epoch_and_miner_wait_share():
     slow = dict(epoch, epoch_time_s=30.0, miner_wait_s=1.5)
     table = time_table({"a": [epoch, slow, {"val_map": 1.0}], "untimed": [{"loss": 1.0}]}).splitlines()
     assert len(table) == 3  # header, rule, one row: runs without timings are left out
-    assert [cell.strip() for cell in table[2].strip("|").split("|")] == ["a", "2", "20.0", "8.0", "1.50", "1.00",
-                                                                         "5.0%"]
+    assert [cell.strip() for cell in table[2].strip("|").split("|")] == ["a", "2", "20.0", "8.0", "1.50",
+                                                                         "1.00", "5.0%"]
 
 
 def test_setup_counts_read_as_words():
     from amldist.demo.assemble import retrieval_counts, split_counts
 
-    assert split_counts({"clusters": 48, "images": 604, "pairs": 1208}) == "604 images in 48 clusters (1208 pairs)"
+    assert split_counts({"clusters": 48, "images": 604, "pairs": 1208}) == \
+        "604 images in 48 clusters (1208 pairs)"
     assert retrieval_counts({"db": 414, "queries": 70}) == "414 database images and 70 queries"
 
 
@@ -369,7 +381,8 @@ def _eval_cache(tmp_path):
     settings, run = SimpleNamespace(report_dir=tmp_path), SimpleNamespace(name="student")
     evaluation._save_descriptors(evaluation.descriptors_path(settings, run), np.ones((40, 8)))
     identity = {"network_sha256": "abc"}
-    evaluation.result_path(settings, run).write_text(json.dumps({"identity": identity, "results": {"sym": {}}}))
+    evaluation.result_path(settings, run).write_text(
+        json.dumps({"identity": identity, "results": {"sym": {}}}))
     return evaluation, settings, run, identity
 
 

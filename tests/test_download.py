@@ -154,7 +154,8 @@ def test_every_dataset_lands_in_the_cirtorch_layout_and_rerun_is_a_no_op(server,
     assert "100 distractor images" in lines[5]
 
     layout_now = snapshot(root)
-    expected = {"train/retrieval-SfM-120k/retrieval-SfM-120k.pkl", "train/retrieval-SfM-120k/retrieval-SfM-120k-whiten.pkl",
+    expected = {"train/retrieval-SfM-120k/retrieval-SfM-120k.pkl",
+                "train/retrieval-SfM-120k/retrieval-SfM-120k-whiten.pkl",
                 "train/retrieval-SfM-30k/retrieval-SfM-30k-whiten.pkl", "train/retrieval-SfM-30k/ims",
                 "datasets/revisitop1m/revisitop1m.txt", "test/roxford5k/jpg", "test/rparis6k/jpg"}
     expected |= {f"train/retrieval-SfM-120k/ims/{_ims_member(cid)}" for cid in CIDS}
@@ -237,7 +238,8 @@ def test_retry_within_one_call_resumes(server, tmp_path):
     path = served.put(urls.gnd_url("oxford5k"), data)
     served.drop_after[path] = 50_000
     dest = tmp_path / "file.bin"
-    assert download.fetch(urls.rebase(urls.gnd_url("oxford5k"), base), dest, _options(None, retries=2)) == len(data)
+    assert download.fetch(urls.rebase(urls.gnd_url("oxford5k"), base), dest,
+                          _options(None, retries=2)) == len(data)
     assert dest.read_bytes() == data
     assert served.sent[path] == [50_000, len(data) - 50_000]
 
@@ -292,7 +294,8 @@ def test_killed_extraction_never_leaves_a_final_folder_and_resumes(server, tmp_p
     paris_1 = urlsplit(urls.TEST_IMAGE_ARCHIVES["paris6k"][0]).path
     paris_2 = urlsplit(urls.TEST_IMAGE_ARCHIVES["paris6k"][1]).path
     download.download("paris6k", root, _options(base))
-    assert sorted(p.name for p in jpg.iterdir()) == sorted({f"{n}.jpg" for a in PARIS_ARCHIVES for n in _names(a)})
+    assert sorted(p.name for p in jpg.iterdir()) == \
+        sorted({f"{n}.jpg" for a in PARIS_ARCHIVES for n in _names(a)})
     assert len(served.sent[paris_1]) == 1  # its files were already staged: not fetched again
     assert len(served.sent[paris_2]) == 1  # downloaded once, kept until its extraction succeeded
     assert sorted(p.name for p in jpg.parent.iterdir()) == ["gnd_paris6k.pkl", "jpg"]
@@ -326,7 +329,8 @@ def test_unsafe_members_are_refused_before_anything_escapes(tmp_path, bad, messa
 
 def test_links_inside_the_archive_are_allowed(tmp_path):
     archive = tmp_path / "ok.tar.gz"
-    archive.write_bytes(_tar_gz({"a/x.jpg": b"x"}, extra=(_member("a/b/y.jpg", tarfile.SYMTYPE, "../x.jpg"),)))
+    archive.write_bytes(_tar_gz({"a/x.jpg": b"x"},
+                                extra=(_member("a/b/y.jpg", tarfile.SYMTYPE, "../x.jpg"),)))
     assert archives.extract_archive(archive, tmp_path / "out") == 1
     assert (tmp_path / "out/a/b/y.jpg").read_bytes() == b"x"
 
@@ -334,7 +338,8 @@ def test_links_inside_the_archive_are_allowed(tmp_path):
 def test_archive_with_dot_dot_member_is_refused_end_to_end(server, tmp_path, capsys):
     base, served = server
     publish_test_sets(served, tmp_path)
-    served.put(urls.TEST_IMAGE_ARCHIVES["oxford5k"][0], _tar_gz({"ok.jpg": _jpeg(1), "../evil.jpg": _jpeg(2)}))
+    served.put(urls.TEST_IMAGE_ARCHIVES["oxford5k"][0],
+               _tar_gz({"ok.jpg": _jpeg(1), "../evil.jpg": _jpeg(2)}))
     root = tmp_path / "data"
     code, _, err = run_cli(capsys, "oxford5k", "--root", str(root), "--base-url", base)
     assert code == 2 and err.count("\n") == 1 and "'..'" in err
@@ -400,8 +405,10 @@ def test_corrupt_archive_and_corrupt_pickle(server, tmp_path, capsys):
 def test_no_space_left(server, tmp_path, capsys, monkeypatch):
     base, served = server
     publish_test_sets(served, tmp_path)
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: SimpleNamespace(total=100, used=90, free=10))
-    assert "not enough free space" in _cli_error(capsys, "oxford5k", "--root", str(tmp_path), "--base-url", base)
+    monkeypatch.setattr(download.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(total=100, used=90, free=10))
+    assert "not enough free space" in _cli_error(capsys, "oxford5k", "--root", str(tmp_path),
+                                                 "--base-url", base)
     monkeypatch.undo()
 
     def full_disk(archive, dest):

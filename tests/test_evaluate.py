@@ -147,11 +147,13 @@ def test_asymmetric_queries_against_teacher_database_differ_from_symmetric():
     student_db = teacher_db @ rotation  # a student that only agrees with itself
     gnd = [{"ok": [i], "junk": []} for i in range(5)]
     # Sym: student queries vs student db finds each image first.
-    assert evaluate.evaluate_descriptors(student_db, student_db[:5], gnd)["old"]["mAP"] == pytest.approx(100.0)
+    assert evaluate.evaluate_descriptors(student_db, student_db[:5], gnd)["old"]["mAP"] == \
+        pytest.approx(100.0)
     # Asym: the same student queries vs the teacher db live in another space and fail.
     assert evaluate.evaluate_descriptors(teacher_db, student_db[:5], gnd)["old"]["mAP"] < 60.0
     # A student that matches the teacher's coordinates does as well asymmetrically.
-    assert evaluate.evaluate_descriptors(teacher_db, teacher_db[:5], gnd)["old"]["mAP"] == pytest.approx(100.0)
+    assert evaluate.evaluate_descriptors(teacher_db, teacher_db[:5], gnd)["old"]["mAP"] == \
+        pytest.approx(100.0)
 
 
 def test_bad_ranks_shape_is_rejected():
@@ -215,7 +217,8 @@ def _tiny_root(root):
     for cid in cids:
         image(layout.cid2filename(cid, layout.train_images_dir(root, "retrieval-SfM-120k")), 36, 28)
     qidxs, pidxs = np.arange(4), np.arange(4, 8)
-    formats.write_whiten_db(layout.whiten_db_path(root, "retrieval-SfM-120k"), formats.WhitenDb(cids, qidxs, pidxs))
+    formats.write_whiten_db(layout.whiten_db_path(root, "retrieval-SfM-120k"),
+                            formats.WhitenDb(cids, qidxs, pidxs))
     split = formats.SfmSplit(cids, np.repeat(np.arange(4), 2), qidxs, pidxs)
     formats.write_sfm_db(layout.train_db_path(root, "retrieval-SfM-120k"), {"train": split, "val": split})
 
@@ -246,8 +249,8 @@ def test_eval_cli_sym_teacher_asym_with_whitening(eval_setup, capsys):
 
     base = eval_setup
     out = base / "results.json"
-    argv = _eval_args(base, "--teacher", str(base / "nets" / "teacher.pt"), "--asym", "-w", "retrieval-SfM-120k",
-                      "-ms", "[1, 1/2]", "--out", str(out))
+    argv = _eval_args(base, "--teacher", str(base / "nets" / "teacher.pt"), "--asym", "-w",
+                      "retrieval-SfM-120k", "-ms", "[1, 1/2]", "--out", str(out))
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "roxford5k" in printed and "asym" in printed and "Lw" in printed
@@ -259,7 +262,8 @@ def test_eval_cli_sym_teacher_asym_with_whitening(eval_setup, capsys):
     assert results["asym"]["roxford5k"] != results["sym"]["roxford5k"]
     # Whitening is learned once per database network (the teacher's serves asym) and cached beside it.
     cached = sorted(p.name for p in (base / "nets").glob("*.whiten-ms.pt"))
-    assert cached == ["student.retrieval-SfM-120k-32.whiten-ms.pt", "teacher.retrieval-SfM-120k-32.whiten-ms.pt"]
+    assert cached == ["student.retrieval-SfM-120k-32.whiten-ms.pt",
+                      "teacher.retrieval-SfM-120k-32.whiten-ms.pt"]
     stamps = {p: p.stat().st_mtime_ns for p in (base / "nets").glob("*.whiten-ms.pt")}
     assert main(argv) == 0  # a rerun reuses the cached whitening and gives the same numbers
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -288,6 +292,8 @@ def test_eval_uses_the_whitening_stored_in_the_network_meta(eval_setup, tmp_path
     (["-d", "holidays"], "unknown dataset"),
     (["-d", "rparis6k"], "no ground truth for rparis6k"),
     (["-w", "retrieval-SfM-30k"], "no whitening pairs"),
+    (["-w", "my-landmarks"], "no whitening pairs for my-landmarks"),  # an imported set's name is a choice
+    (["-w", "roxford5k"], "not a training set"),
     (["--image-size", "0"], "must be > 0"),
 ])
 def test_eval_cli_bad_input_is_one_line_exit_2(eval_setup, capsys, extra, message):
@@ -306,7 +312,8 @@ def _no_evaluation(monkeypatch):
                         lambda *args, **kwargs: pytest.fail("evaluated before checking --out"))
 
 
-def test_eval_out_refuses_to_replace_a_file_that_is_not_our_results(eval_setup, tmp_path, capsys, monkeypatch):
+def test_eval_out_refuses_to_replace_a_file_that_is_not_our_results(eval_setup, tmp_path, capsys,
+                                                                    monkeypatch):
     import json
     import shutil
 
@@ -328,7 +335,8 @@ def test_eval_out_refuses_to_replace_a_file_that_is_not_our_results(eval_setup, 
     (lambda tmp: tmp / "file.txt" / "results.json", "is a file, not a folder"),
     (lambda tmp: tmp / "file.txt" / "deeper" / "results.json", "is a file, not a folder"),
 ])
-def test_eval_out_location_is_checked_before_evaluating(eval_setup, tmp_path, capsys, monkeypatch, where, message):
+def test_eval_out_location_is_checked_before_evaluating(eval_setup, tmp_path, capsys, monkeypatch, where,
+                                                        message):
     _no_evaluation(monkeypatch)
     (tmp_path / "file.txt").write_text("keep me")
     assert main(_eval_args(eval_setup, "--out", str(where(tmp_path)))) == 2
@@ -361,12 +369,14 @@ def test_damaged_whitening_in_the_network_meta_names_the_file(eval_setup, tmp_pa
     cache = evaluation.DescriptorCache(evaluation.EvalSettings(tmp_path, (), 32, batch_size=4, workers=0))
     with pytest.raises(UserError) as exc:
         evaluation.whitening_for(loaded, "retrieval-SfM-120k", cache)
-    assert str(exc.value).startswith(f"damaged network file {tmp_path / 'student.pt'}: ") and message in str(exc.value)
+    assert str(exc.value).startswith(f"damaged network file {tmp_path / 'student.pt'}: ") \
+        and message in str(exc.value)
 
 
 def _whitening_of(network_path, eval_setup):
     net = evaluation.load_net("student", network_path, "cpu")
-    cache = evaluation.DescriptorCache(evaluation.EvalSettings(eval_setup / "data", (), 32, batch_size=4, workers=0))
+    cache = evaluation.DescriptorCache(evaluation.EvalSettings(eval_setup / "data", (), 32, batch_size=4,
+                                                               workers=0))
     return evaluation.whitening_for(net, "retrieval-SfM-120k", cache)
 
 
@@ -409,4 +419,5 @@ def test_whitening_cache_of_a_replaced_network_is_not_reused(eval_setup, tmp_pat
     assert not np.allclose(second.P, first.P)
     cache = evaluation.whitening_cache_path(network, "retrieval-SfM-120k", 32, False)
     cache.unlink()
-    np.testing.assert_allclose(_whitening_of(network, eval_setup).P, second.P)  # what learning from scratch gives
+    # what learning from scratch gives
+    np.testing.assert_allclose(_whitening_of(network, eval_setup).P, second.P)

@@ -65,7 +65,8 @@ class _HalfSizeSource:
 
     def __init__(self, path, bbx):
         self.full = Image.open(path).convert("RGB")
-        self.stored = self.full.resize((self.full.width // 2, self.full.height // 2), Image.Resampling.LANCZOS)
+        self.stored = self.full.resize((self.full.width // 2, self.full.height // 2),
+                                       Image.Resampling.LANCZOS)
         self._bbx = bbx
 
     def __len__(self):
@@ -169,14 +170,16 @@ def test_shards_and_files_give_the_same_descriptors(tmp_path, net):
     split_dir = root / "shards" / f"roxford5k-{IMAGE_SIZE}"
     records = formats.list_images(root, "roxford5k")
     for split, crop in (("db", False), ("query", True)):
-        from_shards = extract.ShardSource(split_dir / split, crop_to_bbx=crop, expected_count=len(records[split]))
+        from_shards = extract.ShardSource(split_dir / split, crop_to_bbx=crop,
+                                          expected_count=len(records[split]))
         from_files = extract.FileSource.from_records(records[split])
         assert [extract.input_size(from_shards, i, IMAGE_SIZE) for i in range(len(from_shards))] == \
                [extract.input_size(from_files, i, IMAGE_SIZE) for i in range(len(from_files))]
         # Same images up to one more JPEG round trip.
         np.testing.assert_allclose(extract.embed(net, from_shards, image_size=IMAGE_SIZE),
                                    extract.embed(net, from_files, image_size=IMAGE_SIZE), atol=0.05)
-    assert extract.input_size(extract.ShardSource(split_dir / "query", crop_to_bbx=True), 0, IMAGE_SIZE) == (18, 27)
+    assert extract.input_size(extract.ShardSource(split_dir / "query", crop_to_bbx=True), 0, IMAGE_SIZE) \
+        == (18, 27)
 
 
 def test_empty_source_and_bad_scales(net):

@@ -132,7 +132,8 @@ def make_teacher_split(root):
     train = formats.SfmSplit(cids[:7], np.array([0, 0, 1, 1, 2, 2, 3]), np.array([0, 2]), np.array([1, 3]))
     val = formats.SfmSplit(cids[7:], np.array([5, 5]), np.array([0]), np.array([1]))
     formats.write_sfm_db(layout.train_db_path(root, TRAIN_SET), {"train": train, "val": val})
-    formats.write_whiten_db(layout.whiten_db_path(root, TRAIN_SET), formats.WhitenDb(cids[:2], np.array([0]), np.array([1])))
+    formats.write_whiten_db(layout.whiten_db_path(root, TRAIN_SET),
+                            formats.WhitenDb(cids[:2], np.array([0]), np.array([1])))
     shard_dataset(root, TRAIN_SET, image_size=SHARD_SIZE, splits=["train"], shard_count=2, workers=0)
     torch.manual_seed(0)
     network = root / "teacher.pth"
@@ -149,7 +150,8 @@ def reference_features(network, split, image_size=SHARD_SIZE, scales=(1.0,)):
     from amldist.checkpoints import load_network_file
     from amldist.extract import ShardSource, embed
 
-    return embed(load_network_file(network), ShardSource(split), image_size=image_size, scales=scales, device="cpu")
+    return embed(load_network_file(network), ShardSource(split), image_size=image_size, scales=scales,
+                 device="cpu")
 
 
 def test_cli_writes_the_teacher_features_of_every_image(teacher_split, tmp_path, capsys):
@@ -198,7 +200,8 @@ def test_cli_mistakes_are_one_line_exit_2(teacher_split, tmp_path, capsys, probl
     argv = {"no network": ["--network", str(tmp_path / "missing.pth"), "--shards", str(split)],
             "not a network": ["--network", str(junk), "--shards", str(split)],
             "no shards": ["--network", str(network), "--shards", str(tmp_path)],
-            "negative workers": ["--network", str(network), "--shards", str(split), "--num-workers", "-1"]}[problem]
+            "negative workers": ["--network", str(network), "--shards", str(split),
+                                 "--num-workers", "-1"]}[problem]
     assert run_cli(["features", *argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -237,7 +240,8 @@ def test_cli_replaces_another_teachers_store_only_with_force(teacher_split, tmp_
     argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out)]
     assert run_cli(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "network_sha256": "00" * 32}))  # another teacher
+    # another teacher
+    (out / "manifest.json").write_text(json.dumps({**manifest, "network_sha256": "00" * 32}))
     before = folder_state(out)
     capsys.readouterr()
     assert run_cli(argv) == 2

@@ -49,7 +49,8 @@ def test_table1_within_five_percent(table1_results):
 
 
 def test_nets_info_prints_parameters_and_gflops(capsys):
-    assert main(["nets", "info", "--arch", "mobilenet_v2", "--teacher-dim", "512", "--image-size", "362"]) == 0
+    assert main(["nets", "info", "--arch", "mobilenet_v2", "--teacher-dim", "512",
+                 "--image-size", "362"]) == 0
     out = capsys.readouterr().out
     assert "2.88 M" in out and "GFLOPs       1.88 at 362x362" in out and "1280->512" in out
     assert main(["nets", "info", "--arch", "small_cnn", "--teacher", "vgg16", "--image-size", "32"]) == 0
@@ -84,8 +85,9 @@ def test_nets_export_command(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [["nets", "--help"], ["nets", "info", "--help"], ["nets", "table1", "--help"],
-                                  ["nets", "export", "--help"]])
+@pytest.mark.parametrize("argv",
+                         [["nets", "--help"], ["nets", "info", "--help"], ["nets", "table1", "--help"],
+                          ["nets", "export", "--help"]])
 def test_nets_help_renders(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

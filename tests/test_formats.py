@@ -31,7 +31,8 @@ def _write_raw(path, obj):
 
 def test_sfm_db_round_trip_keeps_extra_keys(tmp_path):
     path = tmp_path / "db.pkl"
-    formats.write_sfm_db(path, {"train": _split(bbxs=[None] * 6), "val": _split(CIDS[:2], (5, 6), (0,), (1,))})
+    formats.write_sfm_db(path,
+                         {"train": _split(bbxs=[None] * 6), "val": _split(CIDS[:2], (5, 6), (0,), (1,))})
     splits = formats.read_sfm_db(path)
     assert set(splits) == {"train", "val"}
     assert splits["train"].cids == CIDS and len(splits["val"]) == 2
@@ -142,7 +143,8 @@ def test_gnd_validation(tmp_path, mutate, message):
 
 def test_list_images_follows_the_cirtorch_layout(tmp_path):
     root = tmp_path
-    formats.write_sfm_db(layout.train_db_path(root, "retrieval-SfM-120k"), {"train": _split(), "val": _split()})
+    formats.write_sfm_db(layout.train_db_path(root, "retrieval-SfM-120k"),
+                         {"train": _split(), "val": _split()})
     formats.write_whiten_db(layout.whiten_db_path(root, "retrieval-SfM-120k"),
                             formats.WhitenDb(CIDS[:3], np.array([0]), np.array([2])))
     formats.write_gnd(layout.gnd_path(root, "roxford5k"), _revisited_truth())
@@ -152,7 +154,8 @@ def test_list_images_follows_the_cirtorch_layout(tmp_path):
 
     train = formats.list_images(root, "retrieval-SfM-120k")
     cid = CIDS[2]
-    assert train["train"][2].path == root / "train/retrieval-SfM-120k/ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+    assert train["train"][2].path == \
+        root / "train/retrieval-SfM-120k/ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
     assert train["train"][4].cluster == 2 and len(train["whiten"]) == 3
     test = formats.list_images(root, "roxford5k")
     assert test["db"][1].path == root / "test/roxford5k/jpg/db1.jpg"

@@ -89,7 +89,8 @@ def test_padded_channels_last_step_on_the_gpu_matches_the_fp32_cpu_reference(asy
     images, tuples = make_images(18), make_tuples()
     spec = LabelledTuples(asym=asym, num_positives=1, num_negatives=3, use_self=False, mining="hard")
     loss_fn = build_loss("contrastive", margin=0.7)
-    teacher = torch.nn.functional.normalize(torch.randn(18, DIM, generator=torch.Generator().manual_seed(1)), dim=1)
+    teacher = torch.nn.functional.normalize(torch.randn(18, DIM, generator=torch.Generator().manual_seed(1)),
+                                            dim=1)
     net = frozen_net()
     want_losses, want_grads = cpu_reference(net, loss_fn, tuples, images, teacher if asym else None)
     device = torch.device("cuda")
@@ -106,8 +107,8 @@ def test_padded_channels_last_step_on_the_gpu_matches_the_fp32_cpu_reference(asy
     assert max(errors) < 1e-3, errors
     # bf16 autocast: the same losses to bf16 precision, gradients pointing the same way.
     settings.amp_dtype = torch.bfloat16
-    losses, grads = gpu_step(TupleEmbedder(net), net, loss_fn, spec, tuples, images, teacher if asym else None,
-                             settings)
+    losses, grads = gpu_step(TupleEmbedder(net), net, loss_fn, spec, tuples, images,
+                             teacher if asym else None, settings)
     np.testing.assert_allclose(losses, want_losses, rtol=3e-2, atol=1e-2)
     cosines = [cosine(got, want) for got, want in zip(grads, want_grads)]
     assert min(cosines) > 0.98, cosines  # first-layer gradients deviate most (relative error about 0.1)
@@ -123,9 +124,11 @@ def test_the_training_step_never_waits_for_the_gpu(asym):
     device = torch.device("cuda")
     settings = StepSettings.for_device(device, all_images=not asym, global_batch=len(tuples))
     net = frozen_net().to(device, memory_format=torch.channels_last)
-    teacher = VectorTable(np.arange(18), torch.nn.functional.normalize(torch.randn(18, DIM, device=device), dim=1))
+    teacher = VectorTable(np.arange(18),
+                          torch.nn.functional.normalize(torch.randn(18, DIM, device=device), dim=1))
     chosen = [images[int(i)] for i in spec.student_image_ids(tuples)]
-    loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, chosen, teacher, settings)  # traces the sizes
+    # traces the sizes
+    loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, chosen, teacher, settings)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -187,7 +190,8 @@ def test_batched_bf16_extraction_on_the_gpu_matches_one_image_at_a_time_on_the_c
     net = create_net("small_cnn", "gem", DIM, pretrained=False).eval()
     source = extract.FileSource(write_jpegs(tmp_path, 12))
     want = extract.embed(net, source, image_size=160, batch_size=1, device="cpu")
-    fp32 = extract.embed(net, source, image_size=160, batch_size=8, device="cuda", autocast=False, max_pad_frac=0.5)
+    fp32 = extract.embed(net, source, image_size=160, batch_size=8, device="cuda", autocast=False,
+                         max_pad_frac=0.5)
     bf16 = extract.embed(net, source, image_size=160, batch_size=8, device="cuda", max_pad_frac=0.5)
     # Cosine similarity of each GPU descriptor with its CPU reference (all are L2-normalised).
     assert np.min(np.sum(fp32 * want, axis=1)) > 0.9999  # TF32 convolutions
@@ -203,7 +207,8 @@ def test_the_miner_on_gpu_backends_gives_the_cpu_answers(tmp_path):
     vectors = centres[clusters] + 0.8 * rng.standard_normal((2000, 64)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     write_feature_store(tmp_path / "store", vectors, network="synthetic", network_sha256="0" * 64,
-                        architecture="synthetic", image_size=128, scales=[1.0], dataset="synthetic", split="train")
+                        architecture="synthetic", image_size=128, scales=[1.0], dataset="synthetic",
+                        split="train")
     anchors = rng.choice(2000, 100, replace=False)
     anchor_vecs = vectors[anchors] + 0.1 * rng.standard_normal((100, 64)).astype(np.float32)
     answers = {}

@@ -254,7 +254,8 @@ def test_triplet_matches_naive(dtype, sizes):
             lambda a, pos, neg, m=margin: naive_triplet(a, pos, neg, m), (a, pos, neg), dtype)
         assert_same_values_and_gradients(
             lambda a, pos, neg, m=margin: triplet_loss(a, pos, neg, margin=m, form="aml"),
-            lambda a, pos, neg, m=margin: naive_triplet(a, pos, neg, m, squared_l2=True), (a, pos, neg), dtype)
+            lambda a, pos, neg, m=margin: naive_triplet(a, pos, neg, m, squared_l2=True), (a, pos, neg),
+            dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -299,7 +300,8 @@ def test_rkd_matches_naive(dtype, shape):
 def test_darkrank_matches_naive(dtype, shape):
     g = torch.Generator().manual_seed(100 + shape[0] * 10 + shape[1])
     student, teacher = random_vectors((*shape, 6), dtype, g), random_vectors((*shape, 6), dtype, g).detach()
-    assert_same_values_and_gradients(lambda s, t: darkrank_loss(s, t), naive_darkrank, (student, teacher), dtype)
+    assert_same_values_and_gradients(lambda s, t: darkrank_loss(s, t), naive_darkrank, (student, teacher),
+                                     dtype)
     # Unit vectors for the distance scores (as the nets output): the naive exp would underflow
     # in float32 at the distances of the scaled vectors.
     unit_student, unit_teacher = unit_vectors((*shape, 6), dtype, g), unit_vectors((*shape, 6), dtype, g)

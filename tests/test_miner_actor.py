@@ -28,8 +28,8 @@ def case(tmp_path_factory):
     centers = rng.integers(-300, 300, size=(NUM_CLUSTERS, DIM))
     teacher = (centers[clusters] + rng.integers(-60, 60, size=(len(clusters), DIM))).astype(np.float32)
     root = tmp_path_factory.mktemp("miner")
-    write_feature_store(root / "store", teacher, network="t.pth", network_sha256="0" * 64, architecture="vgg16",
-                        image_size=64, scales=[1.0], dataset="synth", split="train")
+    write_feature_store(root / "store", teacher, network="t.pth", network_sha256="0" * 64,
+                        architecture="vgg16", image_size=64, scales=[1.0], dataset="synth", split="train")
     val = teacher[:50] * 2
     write_feature_store(root / "val", val, network="t.pth", network_sha256="0" * 64, architecture="vgg16",
                         image_size=64, scales=[1.0], dataset="synth", split="val")
@@ -52,7 +52,8 @@ def test_miner_options_follow_cluster_resources():
     assert gpu_cluster["max_task_retries"] == MAX_RESTARTS and gpu_cluster["num_cpus"] == 0
     cpu_cluster = miner_options({"CPU": 2}, name="m")
     assert "num_gpus" not in cpu_cluster and "resources" not in cpu_cluster
-    assert "num_gpus" not in miner_options({"CPU": 8, "GPU": 0.5}, name="m")  # a fraction is no whole GPU to hold
+    # a fraction is no whole GPU to hold
+    assert "num_gpus" not in miner_options({"CPU": 8, "GPU": 0.5}, name="m")
 
 
 @pytest.mark.parametrize("backend", ["faiss-cpu", "auto"])
@@ -65,7 +66,8 @@ def test_plain_miner_answers_like_the_library(case, backend):
     want = expected_negatives(case, pool_ids, case["teacher"][pool_ids])
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1] == pytest.approx(want[1])
-    again = miner.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)  # the search is kept for the epoch
+    # the search is kept for the epoch
+    again = miner.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
     np.testing.assert_array_equal(again[0], got[0])
     assert miner.stats()["mine_calls"] == 2 and miner.stats()["anchors_mined"] == 60
 
@@ -76,7 +78,8 @@ def test_plain_miner_random_negatives_teacher_vectors_and_errors(case):
         miner.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
     pool_ids = miner.new_epoch(0, seed=1)
     first = miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 4)
-    np.testing.assert_array_equal(first, miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 4))
+    np.testing.assert_array_equal(first,
+                                  miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 4))
     assert not np.array_equal(first, miner.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 5))
     assert np.isin(first, pool_ids).all()
     assert not (case["clusters"][first] == case["clusters"][case["anchor_ids"]][:, None]).any()
@@ -96,15 +99,18 @@ def test_plain_miner_random_negatives_teacher_vectors_and_errors(case):
 
 
 def test_plain_miner_restores_its_epoch_from_state_dir(case, tmp_path):
-    first = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
+    first = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path),
+                  backend="faiss-cpu")
     pool_ids = first.new_epoch(5, seed=2)
-    reborn = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
+    reborn = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path),
+                   backend="faiss-cpu")
     assert reborn.restored and reborn.epoch == 5
     np.testing.assert_array_equal(reborn.pool_ids, pool_ids)
     state_file = next(tmp_path.iterdir())
     for damaged in ("{not json", '{"epoch": 5}', '{"epoch": "x", "seed": 2}', "[]"):
         state_file.write_text(damaged)  # a miner state not written by the miner: start fresh, do not crash
-        fresh = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path), backend="faiss-cpu")
+        fresh = Miner(case["clusters"], case["store"], pool_size=POOL, state_dir=str(tmp_path),
+                      backend="faiss-cpu")
         assert not fresh.restored
         assert np.array_equal(fresh.new_epoch(5, seed=2), pool_ids)
 
@@ -137,12 +143,15 @@ def test_the_client_over_the_actor_answers_like_the_plain_miner_and_survives_a_k
     np.testing.assert_array_equal(mined[0], want[0])
     assert mined[1] == pytest.approx(want[1]) and client.wait_s > 0
     ids = np.array([0, 399, 17])
-    np.testing.assert_array_equal(ray.get(teacher_rows_via_name.remote("test-miner", ids)), case["teacher"][ids])
+    np.testing.assert_array_equal(ray.get(teacher_rows_via_name.remote("test-miner", ids)),
+                                  case["teacher"][ids])
     np.testing.assert_array_equal(client.teacher_vectors(ids[[0, 2]], "val"), case["val"][ids[[0, 2]]])
     drawn = client.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3)
-    np.testing.assert_array_equal(drawn, plain.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3))
+    np.testing.assert_array_equal(drawn,
+                                  plain.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3))
     before = client.stats()
-    assert before["restored"] is False and ray.available_resources().get("miner", 0) == 0  # it holds the resource
+    # it holds the resource
+    assert before["restored"] is False and ray.available_resources().get("miner", 0) == 0
 
     os.kill(before["pid"], signal.SIGKILL)  # a crash; the next calls are retried once Ray has restarted it
     again = client.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
@@ -150,7 +159,8 @@ def test_the_client_over_the_actor_answers_like_the_plain_miner_and_survives_a_k
     assert after["pid"] != before["pid"] and after["restored"] and after["epoch"] == 2
     np.testing.assert_array_equal(again[0], mined[0])
     assert again[1] == pytest.approx(mined[1])
-    np.testing.assert_array_equal(client.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3), drawn)
+    np.testing.assert_array_equal(client.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3),
+                                  drawn)
     ray.kill(actor, no_restart=True)
 
 

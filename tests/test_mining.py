@@ -76,7 +76,8 @@ def test_negatives_skip_anchor_cluster_and_take_one_per_cluster():
 def test_widening_when_top_k_runs_out_of_clusters(spread):
     # Clusters of 40 close images: an anchor's first 40 neighbours are mostly its own cluster, so k=8
     # finds no negative at first and every further cluster costs up to 40 ranks.
-    anchors, pool, ids, clusters, anchor_clusters = mining_case(3, num_clusters=12, per_cluster=40, spread=spread)
+    anchors, pool, ids, clusters, anchor_clusters = mining_case(3, num_clusters=12, per_cluster=40,
+                                                                spread=spread)
     inner = search.searcher(pool, "faiss-cpu")
     asked = []
 
@@ -107,7 +108,8 @@ def test_widening_reaches_the_whole_pool():
 def test_torch_topk_search_equals_faiss():
     anchors, pool, ids, clusters, anchor_clusters = mining_case(5)
     torch_search = search.torch_topk_search(pool, device="cpu", max_scores=7 * len(pool))  # 7-anchor chunks
-    by_torch = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5, search=torch_search)
+    by_torch = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5,
+                                            search=torch_search)
     by_faiss = mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 5)
     np.testing.assert_array_equal(by_torch[0], by_faiss[0])
     assert by_torch[1] == pytest.approx(by_faiss[1])
@@ -146,8 +148,10 @@ def test_random_negatives_by_rule_repeat_per_key_and_refuse_unknown_rules():
     anchors = np.array([0, 17, 42])
     by_clusters = mining.draw_random_negatives(mining.RANDOM_CLUSTERS, anchors, pool, clusters, 4, 1, 2, 0)
     np.testing.assert_array_equal(
-        by_clusters, mining.draw_random_negatives(mining.RANDOM_CLUSTERS, anchors, pool, clusters, 4, 1, 2, 0))
-    assert np.isin(by_clusters, pool).all() and not (clusters[by_clusters] == clusters[anchors][:, None]).any()
+        by_clusters,
+        mining.draw_random_negatives(mining.RANDOM_CLUSTERS, anchors, pool, clusters, 4, 1, 2, 0))
+    assert np.isin(by_clusters, pool).all() \
+        and not (clusters[by_clusters] == clusters[anchors][:, None]).any()
     assert all(len(set(clusters[row])) == 4 for row in by_clusters)
     examples = mining.draw_random_negatives(mining.RANDOM_EXAMPLES, anchors, pool, clusters, 4, 1, 2, 0)
     assert np.isin(examples, pool).all() and not (examples == anchors[:, None]).any()
@@ -165,7 +169,8 @@ def test_no_anchors_give_no_negatives():
 
 
 def test_too_few_clusters_is_a_user_error():
-    anchors, pool, ids, clusters, anchor_clusters = mining_case(6, num_clusters=4, per_cluster=5, num_anchors=3)
+    anchors, pool, ids, clusters, anchor_clusters = mining_case(6, num_clusters=4, per_cluster=5,
+                                                                num_anchors=3)
     with pytest.raises(UserError, match="clusters"):
         mining.select_hard_negatives(anchors, pool, ids, clusters, anchor_clusters, 4)
     with pytest.raises(UserError, match="clusters"):
@@ -229,7 +234,8 @@ def test_random_cluster_negatives_follow_ts_rand_rule():
     clusters = np.repeat(np.arange(8), np.arange(1, 9))
     ids = np.arange(len(clusters)) + 1000
     anchor_clusters = np.full(6000, 7)
-    negatives = mining.sample_random_cluster_negatives(anchor_clusters, ids, clusters, 3, np.random.default_rng(1))
+    negatives = mining.sample_random_cluster_negatives(anchor_clusters, ids, clusters, 3,
+                                                       np.random.default_rng(1))
     neg_clusters = clusters[negatives - 1000]  # (6000, 3)
     assert not (neg_clusters == 7).any()
     assert all(len(set(row)) == 3 for row in neg_clusters.tolist())

@@ -183,7 +183,8 @@ def test_padded_batches_match_one_at_a_time(architecture):
         bucketed = embed_in_buckets(net, images, max_batch=4, max_pad_frac=0.5)
         batch, valid_hw = pad_batch(images)
         padded = net(batch, valid_hw)  # one batch, up to 45% padding
-        as_pairs = net(batch, [tuple(size) for size in valid_hw.tolist()])  # host ints, as the training step passes them
+        # host ints, as the training step passes them
+        as_pairs = net(batch, [tuple(size) for size in valid_hw.tolist()])
         unmasked = net(batch)  # the padding leaks in without valid_hw
     assert (single[0] - single[1]).abs().max() > 1e-3  # distinct images, distinct embeddings
     assert (padded - single).abs().max().item() < 1e-5

@@ -202,7 +202,8 @@ def test_killed_run_leaves_no_half_shard_and_resumes(tmp_path):
     root, fresh = tmp_path / "killed", tmp_path / "fresh"
     make_test_root(root)
     make_test_root(fresh)
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(root), "10"], capture_output=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(root), "10"], capture_output=True,
+                          check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     folder = split_dir(root)
     assert not (folder / mf.MANIFEST_NAME).exists()

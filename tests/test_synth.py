@@ -86,7 +86,8 @@ def test_pairs_stay_in_their_cluster_and_val_is_disjoint(micro_root):
     whiten = formats.read_whiten_db(layout.whiten_db_path(micro_root, "retrieval-SfM-120k"))
     cluster_of = {cid: c for s in db.values() for cid, c in zip(s.cids, s.cluster.tolist())}
     assert set(whiten.cids) == set(cluster_of)
-    assert all(cluster_of[whiten.cids[q]] == cluster_of[whiten.cids[p]] for q, p in zip(whiten.qidxs, whiten.pidxs))
+    assert all(cluster_of[whiten.cids[q]] == cluster_of[whiten.cids[p]]
+               for q, p in zip(whiten.qidxs, whiten.pidxs))
 
 
 def _landmark_of(image_name: str) -> int:
@@ -171,7 +172,8 @@ def test_other_parameters_need_overwrite(micro_root, tmp_path):
     old_images = formats.list_images(root, "retrieval-SfM-120k")["train"]
     generate(root, "micro", SEED + 7, workers=1, overwrite=True)
     assert not any(r.path.exists() for r in old_images)  # the old set is gone, not mixed in
-    assert all(r.path.is_file() for name in ALL for rs in formats.list_images(root, name).values() for r in rs)
+    assert all(r.path.is_file() for name in ALL for rs in formats.list_images(root, name).values()
+               for r in rs)
     assert '"seed": 10' in (root / "synth.json").read_text()
 
 
@@ -216,6 +218,6 @@ def test_jpeg_bytes_decode_to_the_planned_size():
     task = plan.tasks[0]
     landmark = make_landmark(SEED, task.landmark)
     view = sample_view(SEED, task.landmark.landmark_id, task.view_id, task.kind, landmark.box(), 128)
-    data = photograph(SEED, render_scene(SEED, landmark, 128), view, landmark.box(), task.landmark.landmark_id,
-                      task.view_id)
+    data = photograph(SEED, render_scene(SEED, landmark, 128), view, landmark.box(),
+                      task.landmark.landmark_id, task.view_id)
     assert Image.open(io.BytesIO(data)).size == view.size

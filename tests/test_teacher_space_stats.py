@@ -58,6 +58,7 @@ def test_the_report_lists_positives_and_each_negative_rank(tmp_path, capsys):
     write_feature_store(tmp_path / "store", features, network="t", network_sha256="0" * 64,
                         architecture="small_cnn", image_size=64, scales=[1.0], dataset="retrieval-SfM-120k",
                         split="train")
-    assert script.main(["--store", str(tmp_path / "store"), "--db", str(tmp_path / "db.pkl"), "--neg-num", "2"]) == 0
+    assert script.main(["--store", str(tmp_path / "store"), "--db", str(tmp_path / "db.pkl"),
+                        "--neg-num", "2"]) == 0
     out = capsys.readouterr().out
     assert "6 images, 3 pairs, 3 queries" in out and "hard negative 2" in out and "hard negative 3" not in out

@@ -40,8 +40,10 @@ def test_missing_inputs_name_the_command_that_creates_them(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--local"]) == 2
     assert "amldist data synth" in capsys.readouterr().err
     root = tmp_path / "data"
-    db = formats.SfmSplit(cids=["a" * 32, "b" * 32], cluster=np.array([0, 1]), qidxs=np.array([0]), pidxs=np.array([1]))
-    formats.write_sfm_db(root / "train" / "retrieval-SfM-120k" / "retrieval-SfM-120k.pkl", {"train": db, "val": db})
+    db = formats.SfmSplit(cids=["a" * 32, "b" * 32], cluster=np.array([0, 1]), qidxs=np.array([0]),
+                          pidxs=np.array([1]))
+    formats.write_sfm_db(root / "train" / "retrieval-SfM-120k" / "retrieval-SfM-120k.pkl",
+                         {"train": db, "val": db})
     assert main(["train", "--config", str(config), "--local"]) == 2
     err = capsys.readouterr().err
     assert "amldist data shards --root" in err and "--image-size 64" in err
@@ -72,7 +74,8 @@ def test_resume_guards(tmp_path):
     with pytest.raises(UserError, match="pass --resume"):
         check_resume(str(storage), "half", None, 3)  # Ray would silently continue it
     assert check_resume(str(storage), "half", "", 3) is None  # Ray continues it from its own checkpoint
-    with pytest.raises(UserError, match="has finished 2 epochs and --epochs asks for 2; pass --epochs above 2"):
+    with pytest.raises(UserError,
+                       match="has finished 2 epochs and --epochs asks for 2; pass --epochs above 2"):
         check_resume(str(storage), "half", "", 2)
     source = fake_run(tmp_path / "elsewhere", 1)
     with pytest.raises(UserError, match="start a new run from .*elsewhere"):
@@ -97,7 +100,8 @@ def test_a_run_folder_with_files_but_no_checkpoint_is_not_overwritten(tmp_path):
     kept.mkdir(parents=True)
     (kept / "metrics.jsonl").write_text('{"epoch": 1}\n')
     (kept / BEST_FILE).write_bytes(b"best")
-    with pytest.raises(UserError, match=r"holds files of a run named 'kept' but no checkpoint .*metrics.jsonl"):
+    with pytest.raises(UserError,
+                       match=r"holds files of a run named 'kept' but no checkpoint .*metrics.jsonl"):
         check_resume(str(tmp_path / "runs"), "kept", None, 3)
     (tmp_path / "runs" / "empty").mkdir()
     assert check_resume(str(tmp_path / "runs"), "empty", None, 3) is None  # an empty folder holds nothing
@@ -128,12 +132,14 @@ def test_errors_raised_inside_ray_become_one_line(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr("amldist.driver.start_ray", lambda local: None)
     monkeypatch.setattr("amldist.training.paths.resolve_paths", lambda config: None)
     monkeypatch.setattr("amldist.driver.run_training", failing)
-    assert main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", str(tmp_path / "r")]) == 2
+    assert main(["train", "--config", str(write_config(tmp_path)), "--local",
+                 "--storage", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == "amldist: error: training failed: ValueError: the miner fell over\n"
 
 
 def interrupt_during_training(tmp_path, monkeypatch, storage, *, checkpoints: int = 0):
-    """Run `amldist train` with Ray Train ending the way its Ctrl-C handler ends it: SystemExit in the driver."""
+    """Run `amldist train` with Ray Train ending the way its Ctrl-C handler ends it: SystemExit in the
+    driver."""
     name = "run"
     if checkpoints:
         fake_run(tmp_path / "r" / name, checkpoints)
@@ -145,7 +151,8 @@ def interrupt_during_training(tmp_path, monkeypatch, storage, *, checkpoints: in
     monkeypatch.setattr("amldist.training.paths.resolve_paths", lambda config: None)
     monkeypatch.setattr("amldist.driver.run_training", interrupted)
     monkeypatch.setattr("amldist.cli.train.check_resume", lambda *args: None)
-    return main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", storage, "--name", name])
+    return main(["train", "--config", str(write_config(tmp_path)), "--local", "--storage", storage,
+                 "--name", name])
 
 
 def test_ctrl_c_during_training_says_how_to_continue(tmp_path, monkeypatch, capsys):

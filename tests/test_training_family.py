@@ -35,7 +35,8 @@ def family_of(**sections):
 
 def test_family_follows_the_loss():
     contr_asym = family_of(loss={"name": "contrastive", "asym": True})
-    assert (contr_asym.name, contr_asym.asym, contr_asym.use_self, contr_asym.mining) == (LABELLED, True, False, "hard")
+    assert (contr_asym.name, contr_asym.asym, contr_asym.use_self, contr_asym.mining) == \
+        (LABELLED, True, False, "hard")
     assert (contr_asym.num_positives, contr_asym.num_negatives) == (1, 5)
     assert not contr_asym.students_references
     plus = family_of(loss={"name": "contr+"})
@@ -47,7 +48,8 @@ def test_family_follows_the_loss():
     rkd = family_of(loss={"name": "rkd"})
     assert (rkd.name, rkd.num_negatives, rkd.mining) == (RELATIONAL, 6, "random")  # 1 + 6 = a 7-image tuple
     assert rkd.students_references and not rkd.uses_pairs
-    selfpos = family_of(loss={"name": "contrastive", "use_self": True, "use_negatives": False}, mining={"kind": "none"})
+    selfpos = family_of(loss={"name": "contrastive", "use_self": True, "use_negatives": False},
+                        mining={"kind": "none"})
     assert (selfpos.num_negatives, selfpos.mining, selfpos.use_self) == (0, "none", True)
 
 

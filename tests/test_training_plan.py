@@ -72,7 +72,8 @@ def test_extra_positives_come_from_pairs_then_the_cluster():
         fill_positives(split, pairs[:1], 5, np.random.default_rng(0))  # a cluster of 5 has 4 others
 
 
-@pytest.mark.parametrize("num_tuples,batch,world", [(2000, 10, 4), (23, 5, 2), (21, 5, 2), (7, 7, 3), (10, 4, 1)])
+@pytest.mark.parametrize("num_tuples,batch,world",
+                         [(2000, 10, 4), (23, 5, 2), (21, 5, 2), (7, 7, 3), (10, 4, 1)])
 def test_rank_split_covers_every_usable_tuple_once(num_tuples, batch, world):
     per_rank = [rank_steps(num_tuples, batch, rank, world) for rank in range(world)]
     assert len({len(steps) for steps in per_rank}) == 1  # DDP: every rank takes every step

@@ -138,7 +138,8 @@ def test_the_one_process_trainer_runs_the_same_loop_without_ray(data_root, tmp_p
     assert all(e["tuples"] == 60 and e["avg_neg_distance"] > 0 and np.isfinite(e["loss"]) for e in epochs)
     before = untrained_scores(config)["val_map_asym"]
     assert max(e["val_map_asym"] for e in epochs) > before + 4.0
-    assert script.main(["--config", str(tmp_path / "run.yaml"), "--set", "optim.lr=-1"]) == 2  # one-line error
+    # one-line error
+    assert script.main(["--config", str(tmp_path / "run.yaml"), "--set", "optim.lr=-1"]) == 2
 
 
 def test_a_batch_that_does_not_split_evenly_is_warned_about(caplog):

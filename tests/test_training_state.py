@@ -48,8 +48,10 @@ def test_resume_state_round_trip_continues_identically(tmp_path):
     for epoch in range(2):
         start_epoch_schedule(scheduler)
         train_step(net, optimizer, epoch)
-    progress = Progress(epochs_done=2, global_step=2, best_score=41.5, best_epoch=1, best_metric="val_map_asym")
-    path = save_training_state(tmp_path / CHECKPOINT_FILE, net, optimizer, scheduler, {"a": 1}, progress, {"loss": 0.3})
+    progress = Progress(epochs_done=2, global_step=2, best_score=41.5, best_epoch=1,
+                        best_metric="val_map_asym")
+    path = save_training_state(tmp_path / CHECKPOINT_FILE, net, optimizer, scheduler, {"a": 1}, progress,
+                               {"loss": 0.3})
 
     net2, optimizer2, scheduler2 = student(1)  # other weights, empty optimiser state
     restored = load_training_state(checkpoint_file(tmp_path), net2, optimizer2, scheduler2)
@@ -62,7 +64,8 @@ def test_resume_state_round_trip_continues_identically(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert scheduler2.last_epoch == scheduler.last_epoch == 2
     # The next epoch runs at lr * 0.9^3 on both and the weights stay identical.
-    assert start_epoch_schedule(scheduler) == start_epoch_schedule(scheduler2) == pytest.approx(0.05 * 0.9 ** 3)
+    assert start_epoch_schedule(scheduler) == start_epoch_schedule(scheduler2) == \
+        pytest.approx(0.05 * 0.9 ** 3)
     train_step(net, optimizer, 7)
     train_step(net2, optimizer2, 7)
     for a, b in zip(net.parameters(), net2.parameters()):

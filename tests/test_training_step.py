@@ -74,8 +74,8 @@ def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples, 
 
     net.zero_grad()
     settings = settings_for(1)
-    losses = loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, images_of(spec, tuples, images), None,
-                               settings)
+    losses = loss_and_backward(TupleEmbedder(net), loss_fn, spec, tuples, images_of(spec, tuples, images),
+                               None, settings)
     single = grads(net)
     assert losses.shape == (4,)
 
@@ -97,7 +97,8 @@ def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples, 
 
 def test_mean_reduction_divides_by_the_global_batch():
     assert StepSettings(device=torch.device("cpu"), world_size=4, global_batch=10).loss_scale == 4
-    assert StepSettings(device=torch.device("cpu"), world_size=4, global_batch=10, reduction="mean").loss_scale == 0.4
+    assert StepSettings(device=torch.device("cpu"), world_size=4, global_batch=10,
+                        reduction="mean").loss_scale == 0.4
 
 
 def test_asym_step_embeds_only_the_anchors(images, tuples):
@@ -153,8 +154,9 @@ def test_batchnorm_statistics_stay_frozen_while_weights_learn(images, tuples):
                                                        "weight_decay": 1e-6})())
     for _ in range(3):
         optimizer.zero_grad()
-        loss_and_backward(TupleEmbedder(net), build_loss("contrastive"), spec, tuples, images_of(spec, tuples, images),
-                          None, StepSettings(device=torch.device("cpu"), global_batch=len(tuples)))
+        loss_and_backward(TupleEmbedder(net), build_loss("contrastive"), spec, tuples,
+                          images_of(spec, tuples, images), None,
+                          StepSettings(device=torch.device("cpu"), global_batch=len(tuples)))
         optimizer.step()
     for old, new in zip(before, batchnorm_stats(net)):
         torch.testing.assert_close(new, old, rtol=0, atol=0)

@@ -106,7 +106,8 @@ def test_bad_inputs_are_user_errors(tmp_path):
         whiten.whitening_from_dict({"m": np.zeros(3), "P": np.zeros((3, 4))})
 
 
-@pytest.mark.parametrize("seed", [17, 54, 62])  # random bytes that fail torch.load with IndexError, UnicodeDecodeError, KeyError
+# random bytes that fail torch.load with IndexError, UnicodeDecodeError, KeyError
+@pytest.mark.parametrize("seed", [17, 54, 62])
 def test_random_bytes_whitening_file_is_one_line_user_error(tmp_path, seed):
     bad = tmp_path / "random.whiten.pt"
     bad.write_bytes(np.random.default_rng(seed).bytes(256))

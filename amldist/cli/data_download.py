@@ -15,8 +15,10 @@ def register(data_subparsers) -> None:
                          _run)
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"dataset(s) to fetch: {', '.join(urls.DOWNLOADABLE)}")
-    parser.add_argument("--root", type=Path, help="data root, created if missing (ROOT/train, ROOT/test, ...)")
-    parser.add_argument("--list", action="store_true", help="print every dataset name and its URLs, then exit")
+    parser.add_argument("--root", type=Path,
+                        help="data root, created if missing (ROOT/train, ROOT/test, ...)")
+    parser.add_argument("--list", action="store_true",
+                        help="print every dataset name and its URLs, then exit")
     parser.add_argument("--base-url", metavar="URL",
                         help="fetch from this base instead of the public hosts; URL paths are kept, "
                              "e.g. a mirror serving BASE/cnnimageretrieval/data/train/ims/ims.tar.gz")

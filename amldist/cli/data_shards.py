@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `amldist data shards` (scripts/make_shards.py shares them)."""
     parser.add_argument("--root", type=existing_dir, required=True, help="data root in the cirtorch layout")
     parser.add_argument("--dataset", type=dataset_list, required=True,
-                        help=f"dataset or comma list: {', '.join(layout.ALL_DATASETS)}")
+                        help=f"dataset or comma list: {', '.join(layout.ALL_DATASETS)}, "
+                             "or an imported set's name")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (one dataset only; default ROOT/shards/<dataset>-<image size>)")
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -72,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target bytes per shard, e.g. 256M (default 256M)")
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="processes (default: all CPUs; 0 or 1 runs in-process)")
+    parser.add_argument("--ray-workers", type=positive_int, default=None,
+                        help="write with this many Ray tasks at a time instead of local processes (joins the "
+                             "cluster RAY_ADDRESS names, else starts a local Ray; data on shared storage)")
     parser.add_argument("--quality", type=jpeg_quality, default=DEFAULT_QUALITY,
                         help=f"JPEG quality of re-encoded images (default {DEFAULT_QUALITY})")
     parser.add_argument("--force", action="store_true",
@@ -100,7 +104,7 @@ def run_shards(args: argparse.Namespace) -> int:
         manifests = shard_dataset(args.root, name, out=args.out, image_size=args.image_size,
                                   splits=args.splits, shard_count=args.shard_count,
                                   shard_bytes=args.shard_bytes, workers=args.workers, quality=args.quality,
-                                  force=args.force)
+                                  force=args.force, ray_workers=args.ray_workers)
         for manifest in manifests.values():
             print(summary_line(manifest))
     return 0

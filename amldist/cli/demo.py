@@ -24,21 +24,27 @@ def register(subparsers) -> None:
     from amldist.demo import DEMO_PRESETS
     from amldist.demo.pipeline import FORCE_GROUPS, STAGES
 
-    parser = add_command(subparsers, "demo", "run the end-to-end demo on synthetic data and write a report", run)
+    parser = add_command(subparsers, "demo",
+                         "run the end-to-end demo on synthetic data and write a report", run)
     parser.add_argument("--preset", default="tiny", choices=DEMO_PRESETS,
-                        help="demo size: tiny (default; about 8 min on 2 cores, README \"Demo\"), small (longer); micro is for tests")
+                        help="demo size: tiny (default; about 8 min on 2 cores, README \"Demo\"), small "
+                             "(longer); micro is for tests")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help=f"redo a stage even if its output exists (repeatable): {', '.join(STAGES)}, or "
                              f"{' / '.join(FORCE_GROUPS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every training run, e.g. --set run.epochs=4 (repeatable)")
-    parser.add_argument("--data-root", type=Path, default=None, help="synthetic data root (default data/synth-PRESET)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="training runs folder (default runs)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="synthetic data root (default data/synth-PRESET)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="training runs folder (default runs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="report folder (default runs/demo, or runs/demo-PRESET for other sizes)")
-    parser.add_argument("--num-workers", type=positive_int, default=2, help="Ray Train workers per run (default 2)")
+    parser.add_argument("--num-workers", type=positive_int, default=2,
+                        help="Ray Train workers per run (default 2)")
     parser.add_argument("--wandb", choices=("offline", "off"), default="offline",
-                        help="wandb mode of the training runs (default offline: files only, nothing uploaded)")
+                        help="wandb mode of the training runs "
+                             "(default offline: files only, nothing uploaded)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     for text in args.overrides:
         parse_set(text)  # a malformed KEY=VALUE stops here, before any stage runs
-    settings = demo_settings(args.preset, data_root=args.data_root, runs_dir=args.runs_dir, report_dir=args.out,
-                             extra_overrides=tuple(args.overrides), num_workers=args.num_workers, wandb=args.wandb)
+    settings = demo_settings(args.preset, data_root=args.data_root, runs_dir=args.runs_dir,
+                             report_dir=args.out, extra_overrides=tuple(args.overrides),
+                             num_workers=args.num_workers, wandb=args.wandb)
     command = "amldist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else \
         f"amldist demo --preset {args.preset}"
     run_demo(settings, force=args.force, command=command)

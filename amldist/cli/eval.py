@@ -34,24 +34,28 @@ MAX_SCALE_TEXT = 200
 MAX_EXPONENT = 64.0
 MAX_SCALE = 4.0
 # --out may replace only a results file of ours: a JSON object with the keys `run` writes.
-RESULTS_KEYS = frozenset({"network", "teacher", "datasets", "scales", "image_size", "whitening", "distractors",
-                          "results"})
+RESULTS_KEYS = frozenset({"network", "teacher", "datasets", "scales", "image_size", "whitening",
+                          "distractors", "results"})
 MAX_RESULTS_BYTES = 16 << 20  # results are a few kB; anything bigger is some other file
 
 
 def register(subparsers) -> None:
-    parser = add_command(subparsers, "eval", "evaluate a network on ROxford5k/RParis6k (sym and asym testing)", run)
+    parser = add_command(subparsers, "eval",
+                         "evaluate a network on ROxford5k/RParis6k (sym and asym testing)", run)
     parser.add_argument("--network", "--network-path", "-npath", required=True, type=existing_file,
                         help="student (or any) network: amldist checkpoint or cirtorch/aml network file")
-    parser.add_argument("--teacher", type=existing_file, default=None, help="teacher network file: adds the teacher's own rows, and is the database network of --asym")
+    parser.add_argument("--teacher", type=existing_file, default=None,
+                        help="teacher network file: adds the teacher's own rows, "
+                             "and is the database network of --asym")
     parser.add_argument("--asym", action="store_true",
                         help="also test asymmetrically: student queries against the teacher's database")
     parser.add_argument("--datasets", "-d", default="roxford5k,rparis6k",
                         help="comma-separated test sets (roxford5k, rparis6k, oxford5k, paris6k)")
     parser.add_argument("--multiscale", "-ms", default="[1]",
                         help="scales, e.g. '[1, 1/2**(1/2), 1/2]' (numbers and + - * / ** only)")
-    parser.add_argument("--whitening", "-w", default=None, choices=layout.TRAIN_DATASETS,
-                        help="learn whitening on this dataset's whitening pairs (default: none)")
+    parser.add_argument("--whitening", "-w", default=None, type=training_set, metavar="TRAINING_SET",
+                        help="learn whitening on this training set's pairs: a public one or a "
+                             "`data import` name (default: none)")
     parser.add_argument("--distractors", default=None, choices=layout.DISTRACTOR_DATASETS,
                         help="add this distractor set to every database (+R1M)")
     parser.add_argument("--data-root", required=True, type=existing_dir, help="data root (cirtorch layout)")
@@ -104,6 +108,17 @@ def parse_scales(text: str) -> list[float]:
     if not scales or any(not (math.isfinite(s) and 0 < s <= MAX_SCALE) for s in scales):
         raise UserError(f"--multiscale values must lie in (0, {MAX_SCALE:g}], got {text!r}")
     return scales
+
+
+def training_set(text: str) -> str:
+    """argparse type of --whitening: a public training set or one made by `amldist data import`."""
+    try:
+        kind = layout.dataset_kind(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if kind != "train":
+        raise argparse.ArgumentTypeError(f"{text} is a {kind} set, not a training set with whitening pairs")
+    return text
 
 
 def parse_datasets(text: str) -> list[str]:

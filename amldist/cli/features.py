@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from amldist.teacher_features import compute_features
 
     require(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
-    store = compute_features(args.network, args.shards, args.out, image_size=args.image_size, scales=args.scales,
-                             num_workers=args.num_workers, batch_size=args.batch_size, device=args.device,
-                             force=args.force, replace_other=args.force)
+    store = compute_features(args.network, args.shards, args.out, image_size=args.image_size,
+                             scales=args.scales, num_workers=args.num_workers, batch_size=args.batch_size,
+                             device=args.device, force=args.force, replace_other=args.force)
     print(f"{store.directory}: {len(store)} teacher features of dim {store.dim} "
           f"({store.manifest['architecture']}, {store.manifest['dataset']}/{store.manifest['split']})")
     return 0

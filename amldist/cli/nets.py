@@ -26,18 +26,21 @@ def register(subparsers) -> None:
     info.add_argument("--arch", required=True, choices=ARCHITECTURES, help="backbone architecture")
     dims = info.add_mutually_exclusive_group()
     dims.add_argument("--teacher-dim", type=positive_int, default=None,
-                      help="add the student's 1x1 projection to this dimension (512 for VGG16, 2048 for ResNet101)")
+                      help="add the student's 1x1 projection to this dimension (512 for VGG16, "
+                           "2048 for ResNet101)")
     dims.add_argument("--teacher", choices=sorted(TEACHER_DIMS), default=None,
                       help="shorthand for --teacher-dim of that teacher")
     info.add_argument("--pooling", choices=sorted(POOLINGS), default="gem")
     info.add_argument("--image-size", type=positive_int, default=362, help="square input side (default 362)")
 
-    table = add_command(nets, "table1", "reproduce the paper's Table 1 (ours vs paper, difference in percent)", run_table1)
+    table = add_command(nets, "table1",
+                        "reproduce the paper's Table 1 (ours vs paper, difference in percent)", run_table1)
     table.add_argument("--image-size", type=positive_int, default=362)
     table.add_argument("--conv-only", action="store_true",
                        help="count only convolutions/matmuls (the default also counts BN, activations, adds)")
 
-    export = add_command(nets, "export", "write a checkpoint's network as a plain cirtorch/aml file", run_export)
+    export = add_command(nets, "export",
+                         "write a checkpoint's network as a plain cirtorch/aml file", run_export)
     export.add_argument("checkpoint", type=existing_file, help="amldist checkpoint or network file")
     export.add_argument("output", type=Path, help="where to write {'state_dict', 'meta'} (a new file)")
     export.add_argument("--force", action="store_true",

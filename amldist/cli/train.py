@@ -34,12 +34,16 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     parser = add_command(subparsers, "train", "train a network with Ray Train (local or on a cluster)", run)
-    parser.add_argument("--config", dest="preset", metavar="NAME|FILE", help="preset name or YAML file (= --preset)")
+    parser.add_argument("--config", dest="preset", metavar="NAME|FILE",
+                        help="preset name or YAML file (= --preset)")
     add_config_arguments(parser)
     ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--local", action="store_true", help="start a single-node Ray here instead of joining a cluster")
-    ray_group.add_argument("--num-workers", type=positive_int, default=None, help="training processes (run.num_workers)")
-    ray_group.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker (run.use_gpu)")
+    ray_group.add_argument("--local", action="store_true",
+                           help="start a single-node Ray here instead of joining a cluster")
+    ray_group.add_argument("--num-workers", type=positive_int, default=None,
+                           help="training processes (run.num_workers)")
+    ray_group.add_argument("--use-gpu", action="store_true", default=None,
+                           help="one GPU per worker (run.use_gpu)")
     ray_group.add_argument("--storage", default=None, help="run storage folder or URI (default run.out_dir)")
     ray_group.add_argument("--name", default=None, help="run name (run.name; default the preset's name)")
     ray_group.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
@@ -86,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = local_run_dir(config.run.out_dir, storage, name)
     try:
-        result = driver.run_training(config, storage=storage, name=name, wandb=wandb_mode, resume_from=resume_from,
-                                     max_failures=args.max_failures, image_every=args.image_every)
+        result = driver.run_training(config, storage=storage, name=name, wandb=wandb_mode,
+                                     resume_from=resume_from, max_failures=args.max_failures,
+                                     image_every=args.image_every)
     except (ray.exceptions.RayError, RayTrainError) as err:  # TrainingFailedError is a RayTrainError
         # a worker's or the miner's error, or Ray Train refusing the run folder: the first cause, one line
         # (Ray has already logged the remote tracebacks)

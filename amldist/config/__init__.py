@@ -47,8 +47,8 @@ def build_loss_from_config(config: Config) -> TupleLoss:
 
 __all__ = [
     "AML_FLAGS", "AML_MODES", "TEACHER_DIMS", "Config", "DataConfig", "LossConfig", "MiningConfig",
-    "ModelConfig", "OptimConfig", "RunConfig", "add_config_arguments", "apply_overrides", "build_loss_from_config",
-    "config_from_args",
-    "config_from_dict", "config_to_dict", "config_to_yaml", "list_presets", "load_config", "load_preset", "loss_options",
-    "parse_set", "preset_dict", "preset_path", "presets_dir", "with_overrides",
+    "ModelConfig", "OptimConfig", "RunConfig", "add_config_arguments", "apply_overrides",
+    "build_loss_from_config", "config_from_args",
+    "config_from_dict", "config_to_dict", "config_to_yaml", "list_presets", "load_config", "load_preset",
+    "loss_options", "parse_set", "preset_dict", "preset_path", "presets_dir", "with_overrides",
 ]

@@ -35,7 +35,8 @@ def preset_path(name_or_path: str) -> Path:
     candidate = presets_dir() / f"{name_or_path}{PRESET_SUFFIX}"
     if not candidate.is_file():
         count = len(list_presets())
-        hint = f"; presets/README.md lists the {count} presets" if count else f" (no presets under {presets_dir()})"
+        hint = (f"; presets/README.md lists the {count} presets" if count
+                else f" (no presets under {presets_dir()})")
         raise UserError(f"--preset: unknown preset {name_or_path!r}{hint}")
     return candidate
 

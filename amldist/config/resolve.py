@@ -84,7 +84,8 @@ def resolve(config: Config) -> Config:
                                                                           model.teacher),
                                   freeze_batchnorm=_unset_to(model.freeze_batchnorm, model.pretrained)),
         loss=resolved_loss,
-        mining=dataclasses.replace(config.mining, kind=_unset_to(config.mining.kind, DEFAULT_MINING[LOSSES[name].family])),
+        mining=dataclasses.replace(config.mining,
+                                   kind=_unset_to(config.mining.kind, DEFAULT_MINING[LOSSES[name].family])),
         optim=dataclasses.replace(config.optim, lr=lr),
         run=dataclasses.replace(config.run, name=_unset_to(config.run.name, "run"),
                                 epochs=_unset_to(config.run.epochs, ASYM_EPOCHS if asym else SYM_EPOCHS)))

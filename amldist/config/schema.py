@@ -26,7 +26,8 @@ class ModelConfig:
     projection_dim: int | None = None     # 1x1 conv to this d; None = the public teacher's d if it differs
     pretrained: bool = True               # ImageNet weights for the backbone
     teacher: str | None = None            # "vgg16" / "resnet101" (public retrievalSfM120k-*-gem) or a file
-    freeze_batchnorm: bool | None = None  # None = frozen when pretrained (the reference), trained from scratch
+    # None = frozen when pretrained (the reference), trained from scratch
+    freeze_batchnorm: bool | None = None
 
 
 @dataclass

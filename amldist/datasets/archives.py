@@ -40,9 +40,11 @@ def check_member(member: tarfile.TarInfo, archive: Path) -> None:
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         raise UserError(f"{archive}: refusing member with '..' in its path: {name}")
     if member.issym() and _escapes(posixpath.join(posixpath.dirname(name), member.linkname)):
-        raise UserError(f"{archive}: refusing symlink {name} -> {member.linkname} (leaves the archive folder)")
+        raise UserError(f"{archive}: refusing symlink {name} -> {member.linkname} "
+                        "(leaves the archive folder)")
     if member.islnk() and _escapes(member.linkname):
-        raise UserError(f"{archive}: refusing hard link {name} -> {member.linkname} (leaves the archive folder)")
+        raise UserError(f"{archive}: refusing hard link {name} -> {member.linkname} "
+                        "(leaves the archive folder)")
     if member.ischr() or member.isblk() or member.isfifo():
         raise UserError(f"{archive}: refusing device or pipe member {name}")
 

@@ -130,7 +130,8 @@ def _fetch_once(url: str, part: Path, timeout_s: float) -> int:
 
 
 def _after_refused_range(url: str, part: Path, have: int, content_range: str, timeout_s: float) -> int:
-    """HTTP 416 to `Range: bytes=have-`: the .part is already whole (killed before its rename), or too long."""
+    """HTTP 416 to `Range: bytes=have-`: the .part is already whole (killed before its rename), or too
+    long."""
     match = re.fullmatch(r"bytes \*/(\d+)", content_range.strip())
     if match and int(match.group(1)) == have:
         return 0
@@ -352,7 +353,8 @@ def download(name: str, root: str | Path, options: DownloadOptions = DownloadOpt
 
 def list_urls(options: DownloadOptions = DownloadOptions()) -> dict[str, tuple[str, ...]]:
     """Every downloadable name and the URLs it fetches (after `--base-url`, `--legacy-archives`)."""
-    return {name: tuple(urls.rebase(u, options.base_url) for u in urls.dataset_urls(name, options.legacy_archives))
+    return {name: tuple(urls.rebase(u, options.base_url)
+                        for u in urls.dataset_urls(name, options.legacy_archives))
             for name in urls.DOWNLOADABLE}
 
 

@@ -195,7 +195,11 @@ def list_images(root: str | Path, dataset: str) -> dict[str, list[ImageRecord]]:
 
 def _train_images(root: str | Path, dataset: str) -> dict[str, list[ImageRecord]]:
     ims = layout.train_images_dir(root, dataset)
-    splits = read_sfm_db(layout.train_db_path(root, dataset))
+    db_path = layout.train_db_path(root, dataset)
+    if layout.is_imported_name(dataset) and not db_path.is_file():
+        raise UserError(f"no training set {dataset!r} under {root}: {db_path} is missing "
+                        "(make it with `amldist data import`)")
+    splits = read_sfm_db(db_path)
     whiten = read_whiten_db(layout.whiten_db_path(root, dataset))
     out = {name: [ImageRecord(i, layout.cid2filename(cid, ims), cid, int(split.cluster[i]))
                   for i, cid in enumerate(split.cids)]

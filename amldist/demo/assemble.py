@@ -51,7 +51,8 @@ def table_row(run: RunOutcome, teacher: RunOutcome, results: dict, variant: str 
     if run is teacher:
         scores = {"sym": scores_from_eval(results, "teacher", variant)}
     else:
-        scores = {mode: scores_from_eval(results, mode, variant) for mode in ("sym", "asym") if mode in results}
+        scores = {mode: scores_from_eval(results, mode, variant) for mode in ("sym", "asym")
+                  if mode in results}
     return TableRow(run=run.name, student=config.model.arch, dim=student_dim(config),
                     teacher=teacher.config.model.arch if config.model.teacher else None,
                     labels=loss_spec(config.loss.name).family == LABELLED, loss=loss_label(config.loss.name),
@@ -78,7 +79,8 @@ def random_ranking_scores(truths: dict[str, formats.GroundTruth], repeats: int =
     rng = np.random.default_rng(seed)
     out = {}
     for name, truth in truths.items():
-        runs = [evaluate_ranks(np.stack([rng.permutation(len(truth.imlist)) for _ in truth.qimlist]), truth.gnd)
+        runs = [evaluate_ranks(np.stack([rng.permutation(len(truth.imlist)) for _ in truth.qimlist]),
+                               truth.gnd)
                 for _ in range(repeats)]  # ranks (Q, N) per repeat
         out[name] = {s: float(np.mean([r[s]["mAP"] for r in runs])) for s in ("medium", "hard")}
     return out
@@ -106,9 +108,10 @@ def random_ranking_note(random_ranking: dict[str, dict[str, float]]) -> str:
 
 TIME_CAPTION = ("Seconds per epoch, the mean over each run's epochs in metrics.jsonl (the slowest rank's "
                 "figures). Mining runs from the start of the epoch until training starts: embedding the "
-                "anchors (and, for symmetric runs, the pool) on the workers, plus the miner's answers. Waiting "
-                "on the miner is only the time spent inside calls to the miner actor (the epoch's pool, the "
-                "search, the teacher vectors); the target is at most 10% of an epoch.")
+                "anchors (and, for symmetric runs, the pool) on the workers, "
+                "plus the miner's answers. Waiting on the miner is only the time spent inside calls to the "
+                "miner actor (the epoch's pool, the search, the teacher vectors); "
+                "the target is at most 10% of an epoch.")
 
 
 def time_table(records_by_run: dict[str, list[dict]]) -> str:
@@ -121,7 +124,8 @@ def time_table(records_by_run: dict[str, list[dict]]) -> str:
             continue
         mean = {key: float(np.mean([r.get(key, 0.0) for r in epochs]))
                 for key in ("epoch_time_s", "train_time_s", "mining_time_s", "miner_wait_s")}
-        share = 100.0 * mean["miner_wait_s"] / mean["epoch_time_s"] if mean["epoch_time_s"] > 0 else float("nan")
+        share = (100.0 * mean["miner_wait_s"] / mean["epoch_time_s"] if mean["epoch_time_s"] > 0
+                 else float("nan"))
         lines.append(f"| {name} | {len(epochs)} | {mean['epoch_time_s']:.1f} | {mean['train_time_s']:.1f} | "
                      f"{mean['mining_time_s']:.2f} | {mean['miner_wait_s']:.2f} | {share:.1f}% |")
     return "\n".join(lines)
@@ -135,9 +139,10 @@ def curves_figure(state: DemoState, folder: Path) -> Figure:
     plots.plot_training_curves(runs, folder / CURVES_PNG)
     return Figure(CURVES_PNG, "Training curves",
                   "Per epoch, from each run's metrics.jsonl: training loss per tuple (the losses differ in "
-                  "kind across runs, so compare each curve with itself), validation mAP on the training set's "
-                  "val split (solid: symmetric, dashed: asymmetric, student queries against the teacher's "
-                  "vectors), and the mean distance between anchors and their mined hard negatives.")
+                  "kind across runs, so compare each curve with itself), "
+                  "validation mAP on the training set's val split (solid: symmetric, dashed: asymmetric, "
+                  "student queries against the teacher's vectors), and the mean distance between anchors and "
+                  "their mined hard negatives.")
 
 
 def negatives_figure(state: DemoState, folder: Path) -> Figure | None:
@@ -176,11 +181,12 @@ def tsne_figure(state: DemoState, folder: Path, student: RunOutcome) -> Figure:
     plots.plot_tsne(teacher_xy, student_xy, chosen.labels, folder / filename,
                     title=f"teacher (circles) vs {student.spec.key} student (diamonds)")
     per = len(chosen.labels) // max(len(set(chosen.labels)), 1)
-    return Figure(filename, f"t-SNE of teacher and {student.spec.key} student embeddings (the paper's Fig. 3)",
-                  f"{len(set(chosen.labels))} {DESCRIPTORS_DATASET} landmarks (colours), about {per} database images "
-                  f"each, embedded by the teacher (circles) and by {student.name} (diamonds); a line joins the two "
-                  "embeddings of each image. Short lines mean the student maps images where the teacher does, "
-                  "which is what asymmetric testing needs.")
+    return Figure(filename,
+                  f"t-SNE of teacher and {student.spec.key} student embeddings (the paper's Fig. 3)",
+                  f"{len(set(chosen.labels))} {DESCRIPTORS_DATASET} landmarks (colours), about {per} "
+                  f"database images each, embedded by the teacher (circles) and by {student.name} "
+                  "(diamonds); a line joins the two embeddings of each image. Short lines mean the "
+                  "student maps images where the teacher does, which is what asymmetric testing needs.")
 
 
 def build_figures(state: DemoState, folder: Path) -> list[Figure]:
@@ -212,26 +218,28 @@ def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
 
     synth = json.loads((settings.data_root / "synth.json").read_text())
     counts = synth["counts"]
-    lines = [f"Synthetic landmarks (`amldist data synth --preset {settings.synth_preset}`, seed {settings.seed}) "
-             f"in `{settings.data_root}`: training {split_counts(counts['train'])}, validation "
-             f"{split_counts(counts['val'])}, "
+    lines = [f"Synthetic landmarks (`amldist data synth --preset {settings.synth_preset}`, "
+             f"seed {settings.seed}) in `{settings.data_root}`: training {split_counts(counts['train'])}, "
+             f"validation {split_counts(counts['val'])}, "
              + ", ".join(f"{name} {retrieval_counts(counts[name])}" for name in TEST_DATASETS) + "."]
     for run in ordered_runs(state):
         c = run.config
-        lines.append(f"`{run.name}`: {run.spec.description}; {c.run.epochs} epochs, {c.mining.queries_per_epoch} "
-                     f"tuples/epoch, pool {c.mining.pool_size}, batch {c.run.batch_size}, {c.optim.optimizer} "
-                     f"lr {c.optim.lr:g}, images <= {c.data.image_size} px, {c.run.num_workers} Ray workers.")
+        lines.append(f"`{run.name}`: {run.spec.description}; {c.run.epochs} epochs, "
+                     f"{c.mining.queries_per_epoch} tuples/epoch, pool {c.mining.pool_size}, batch "
+                     f"{c.run.batch_size}, {c.optim.optimizer} lr {c.optim.lr:g}, images <= "
+                     f"{c.data.image_size} px, {c.run.num_workers} Ray workers.")
     lines.append(f"Testing: single scale, images <= {settings.test_image_size} px (the paper: multi-scale at "
-                 f"1024 px), learned whitening on the {TRAIN_DATASET} whitening pairs, in the teacher's space "
-                 "for asymmetric testing.")
+                 f"1024 px), learned whitening on the {TRAIN_DATASET} whitening pairs, "
+                 "in the teacher's space for asymmetric testing.")
     return lines
 
 
 def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure], stages: list[StageTiming],
                    command: str, random_ranking: dict[str, dict[str, float]]) -> ReportContent:
     datasets = list(TEST_DATASETS)
-    raw_caption = ("The same networks without whitening (raw descriptors); learned whitening needs many pairs "
-                   "per dimension, which a small synthetic set may not give.")
+    raw_caption = ("The same networks without whitening (raw descriptors); "
+                   "learned whitening needs many pairs per dimension, "
+                   "which a small synthetic set may not give.")
     raw = (raw_caption, format_markdown(table_rows(state, "raw"), datasets))
     times = (TIME_CAPTION, time_table({run.name: read_metrics(run.run_dir) for run in ordered_runs(state)}))
     runs = [RunSummary(run.name, run.spec.description, str(run.best_checkpoint), run.config.run.epochs,
@@ -243,5 +251,5 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
               "unrelated to the teacher's), as in the paper."), random_ranking_note(random_ranking)]
     return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
                          setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
-                         table_markdown=format_markdown(rows, datasets), notes=notes, extra_tables=[raw, times],
-                         figures=figures, runs=runs, stages=stages)
+                         table_markdown=format_markdown(rows, datasets), notes=notes,
+                         extra_tables=[raw, times], figures=figures, runs=runs, stages=stages)

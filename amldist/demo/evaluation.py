@@ -43,9 +43,10 @@ def testing_modes(run: RunOutcome) -> list[str]:
 def _identity(settings: DemoSettings, run: RunOutcome, teacher: RunOutcome) -> dict[str, Any]:
     from amldist.feature_store import file_sha256
 
-    return {"network_sha256": file_sha256(run.best_checkpoint), "teacher_sha256": file_sha256(teacher.best_checkpoint),
-            "image_size": settings.test_image_size, "datasets": list(TEST_DATASETS), "whitening": TRAIN_DATASET,
-            "scales": [1.0], "modes": testing_modes(run)}
+    return {"network_sha256": file_sha256(run.best_checkpoint),
+            "teacher_sha256": file_sha256(teacher.best_checkpoint), "image_size": settings.test_image_size,
+            "datasets": list(TEST_DATASETS), "whitening": TRAIN_DATASET, "scales": [1.0],
+            "modes": testing_modes(run)}
 
 
 def result_path(settings: DemoSettings, run: RunOutcome) -> Path:
@@ -65,7 +66,8 @@ def load_descriptors(settings: DemoSettings, run: RunOutcome) -> np.ndarray:
         raise UserError(f"damaged eval cache {path} ({str(err).splitlines()[0][:120]}); "
                         f"run the demo again with --force eval") from None
     if vectors.ndim != 2:
-        raise UserError(f"damaged eval cache {path}: expected (N, D) descriptors, found shape {vectors.shape}")
+        raise UserError(f"damaged eval cache {path}: expected (N, D) descriptors, "
+                        f"found shape {vectors.shape}")
     return vectors
 
 
@@ -83,7 +85,8 @@ def _save_descriptors(path: Path, vectors: np.ndarray) -> None:
         np.save(handle, np.asarray(vectors, np.float32))
 
 
-def load_results(settings: DemoSettings, run: RunOutcome, identity: dict[str, Any] | None = None) -> dict | None:
+def load_results(settings: DemoSettings, run: RunOutcome,
+                 identity: dict[str, Any] | None = None) -> dict | None:
     """Stored results of a run; None when missing or (given `identity`) computed for something else."""
     if identity is not None and not _descriptors_readable(descriptors_path(settings, run)):
         return None  # a damaged cache counts as missing: the eval stage computes it again
@@ -119,12 +122,14 @@ def eval_stage(state: DemoState) -> tuple[str, str]:
     if "eval" in state.force:  # redo means redo: learn Lw again too. Otherwise a retrained network cannot
         # reuse an old Lw anyway, since `amldist eval` keys its Lw cache to the network file's sha256
         for run, _ in pending:
-            whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size, False).unlink(missing_ok=True)
-    cache = DescriptorCache(EvalSettings(s.data_root, TEST_DATASETS, s.test_image_size, whitening=TRAIN_DATASET,
-                                         batch_size=16, workers=0))
+            whitening_cache_path(run.best_checkpoint, TRAIN_DATASET, s.test_image_size,
+                                 False).unlink(missing_ok=True)
+    cache = DescriptorCache(EvalSettings(s.data_root, TEST_DATASETS, s.test_image_size,
+                                         whitening=TRAIN_DATASET, batch_size=16, workers=0))
     teacher = load_net("teacher", teacher_run.best_checkpoint, "cpu")
     for run, identity in pending:
-        network = teacher if run is teacher_run else load_net(f"student {run.spec.key}", run.best_checkpoint, "cpu")
+        network = teacher if run is teacher_run else load_net(f"student {run.spec.key}",
+                                                              run.best_checkpoint, "cpu")
         results = {mode: evaluate_mode(mode, network, teacher, cache) for mode in testing_modes(run)}
         truth = formats.read_gnd(layout.gnd_path(s.data_root, DESCRIPTORS_DATASET))
         _save_descriptors(descriptors_path(s, run),

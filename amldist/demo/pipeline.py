@@ -54,7 +54,8 @@ def force_set(names: Iterable[str]) -> frozenset[str]:
         elif name in STAGES:
             chosen.add(name)
         else:
-            raise UserError(f"--force: unknown stage {name!r}; choose from {', '.join(STAGES + tuple(FORCE_GROUPS))}")
+            raise UserError(f"--force: unknown stage {name!r}; choose from "
+                            f"{', '.join(STAGES + tuple(FORCE_GROUPS))}")
     return frozenset(chosen)
 
 
@@ -90,7 +91,8 @@ def _read_history(path: Path | None) -> dict[str, float]:
         data = json.loads(path.read_text())
     except ValueError:
         return {}  # unreadable: the build times are only informative
-    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+    return ({str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))}
+            if isinstance(data, dict) else {})
 
 
 def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "amldist demo",

@@ -71,7 +71,8 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=colours[n], label=n) for n in runs]
-    handles += [Line2D([], [], color="k", ls="-", label="sym"), Line2D([], [], color="k", ls="--", label="asym")]
+    handles += [Line2D([], [], color="k", ls="-", label="sym"),
+                Line2D([], [], color="k", ls="--", label="asym")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()

@@ -85,8 +85,8 @@ def render_markdown(content: ReportContent) -> str:
     lines += [f"- {line}" for line in content.setup]
     lines += ["", "## Results (shaped like the paper's Table 3)", "",
               ("mAP (%) with learned whitening, medium and hard revisited protocol. SYMMETRIC: queries and "
-               "database by the same network; ASYMMETRIC: student queries against the teacher's database."), "",
-              content.table_markdown, "", "As printed:", "", "```", content.table_text, "```", ""]
+               "database by the same network; ASYMMETRIC: student queries against the teacher's database."),
+              "", content.table_markdown, "", "As printed:", "", "```", content.table_text, "```", ""]
     if content.notes:
         lines += [f"- {note}" for note in content.notes] + [""]
     for caption, table in content.extra_tables:
@@ -106,7 +106,8 @@ def _inline_images(markdown_html: str, folder: Path, figures: Sequence[Figure]) 
         path = folder / figure.filename
         if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            markdown_html = markdown_html.replace(f'src="{figure.filename}"', f'src="data:image/png;base64,{data}"')
+            markdown_html = markdown_html.replace(f'src="{figure.filename}"',
+                                                  f'src="data:image/png;base64,{data}"')
     return markdown_html
 
 
@@ -121,7 +122,8 @@ def render_html(content: ReportContent) -> str:
     for caption, table in content.extra_tables:
         parts += [f"<p>{esc(caption)}</p>", f"<pre>{esc(table)}</pre>"]
     for figure in content.figures:
-        parts += [f"<h2>{esc(figure.title)}</h2>", f'<img src="{esc(figure.filename)}" style="max-width:100%">',
+        parts += [f"<h2>{esc(figure.title)}</h2>",
+                  f'<img src="{esc(figure.filename)}" style="max-width:100%">',
                   f"<p>{esc(figure.caption)}</p>"]
     if content.runs:
         rows = "".join(f"<tr><td>{esc(r.name)}</td><td>{esc(r.description)}</td><td>{r.epochs}</td>"

@@ -27,7 +27,8 @@ TEACHER_RUN = RunSpec("teacher", "tiny-teacher-contr-sym", "teacher: small_cnn, 
 STUDENT_RUNS = (
     RunSpec("contrplus", "tiny-student-contrplus-asym", "student: mini_cnn, Contr+ (10), hard mining, asym"),
     RunSpec("reg", "tiny-student-reg-asym", "student: mini_cnn, Reg (7), no mining, asym"),
-    RunSpec("baseline", "tiny-student-contr-sym", "student alone: mini_cnn, Contr (4), hard mining, sym (baseline)"),
+    RunSpec("baseline", "tiny-student-contr-sym",
+            "student alone: mini_cnn, Contr (4), hard mining, sym (baseline)"),
 )
 
 
@@ -84,6 +85,7 @@ def demo_settings(name: str, *, data_root: str | Path | None = None, runs_dir: s
         name=name, synth_preset=size.synth_preset,
         data_root=Path(data_root) if data_root else Path("data") / f"synth-{size.synth_preset}",
         runs_dir=runs_dir,
-        report_dir=Path(report_dir) if report_dir else runs_dir / ("demo" if name == "tiny" else f"demo-{name}"),
+        report_dir=(Path(report_dir) if report_dir
+                    else runs_dir / ("demo" if name == "tiny" else f"demo-{name}")),
         train_image_size=size.train_image_size, test_image_size=size.test_image_size,
         overrides=size.overrides + tuple(extra_overrides), num_workers=num_workers, wandb=wandb)

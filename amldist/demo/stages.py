@@ -91,7 +91,8 @@ def shards_stage(state: DemoState) -> tuple[str, str]:
 
     s = state.settings
     targets = shard_targets(s)
-    folders = [layout.shards_dir(s.data_root, name, size) / split for name, size, splits in targets for split in splits]
+    folders = [layout.shards_dir(s.data_root, name, size) / split for name, size, splits in targets
+               for split in splits]
     if not state.must_run("shards", ["synth"]) and all((f / "manifest.json").is_file() for f in folders):
         return REUSED, f"{len(folders)} splits"
     if "shards" in state.force:
@@ -131,7 +132,8 @@ def _ensure_ray(state: DemoState) -> None:
         state.ray_started = True
 
 
-def train_stage(state: DemoState, run: RunSpec, inputs: Iterable[str], extra: Iterable[str] = ()) -> tuple[str, str]:
+def train_stage(state: DemoState, run: RunSpec, inputs: Iterable[str],
+                extra: Iterable[str] = ()) -> tuple[str, str]:
     """Train one run unless its final checkpoint is there; an interrupted run is continued."""
     from amldist.runs import check_resume, local_run_dir
     from amldist.training.state import BEST_FILE
@@ -164,7 +166,8 @@ def train_stage(state: DemoState, run: RunSpec, inputs: Iterable[str], extra: It
     if not outcome.best_checkpoint.is_file():
         raise UserError(f"training {name} finished without {outcome.best_checkpoint}")
     score = best.get("best_score")
-    detail = f"best {best.get('best_metric')} {score:.1f} at epoch {best.get('best_epoch', 0) + 1}" if score else ""
+    detail = (f"best {best.get('best_metric')} {score:.1f} at epoch {best.get('best_epoch', 0) + 1}"
+              if score else "")
     return BUILT, f"{run_dir} ({config.run.epochs} epochs{', ' + detail if detail else ''})"
 
 

@@ -60,7 +60,8 @@ def loss_label(name: str) -> str:
     return f"{LOSS_LABELS.get(name, name)} {loss_spec(name).equation}"
 
 
-def scores_from_eval(results: dict[str, Any], mode: str, variant: str = "whiten") -> dict[str, dict[str, float | None]]:
+def scores_from_eval(results: dict[str, Any], mode: str,
+                     variant: str = "whiten") -> dict[str, dict[str, float | None]]:
     """mAP per dataset and setting of one testing mode of an `amldist eval` result
     (`results[mode][dataset][variant][setting]['mAP']`)."""
     out: dict[str, dict[str, float | None]] = {}
@@ -156,7 +157,8 @@ def _parse_row(line: str, starts: list[int], datasets: list[str]) -> dict[str, A
         raise ValueError(f"row has {len(numbers)} numbers: {line!r}")
     scores: dict[str, dict[str, dict[str, float | None]]] = {}
     for (mode, setting, dataset), cell in zip(_columns(datasets), numbers):
-        scores.setdefault(mode, {}).setdefault(dataset, {})[setting] = None if cell == MISSING else float(cell)
+        scores.setdefault(mode, {}).setdefault(dataset, {})[setting] = (None if cell == MISSING
+                                                                        else float(cell))
     return {"student": values["STUDENT"], "dim": int(values["d"]),
             "teacher": None if values["TEACHER"] == MISSING else values["TEACHER"],
             "labels": values["LAB"] == "✓", "loss": values["LOSS"],

@@ -94,5 +94,6 @@ def _cached_whitening(path: Path, provenance: dict[str, Any], network: LoadedNet
     if all(cached.meta.get(k) == v for k, v in provenance.items()) and cached.P.shape[1] == network.dim:
         log.info("%s: whitening from %s", network.role, path)
         return cached
-    log.info("%s: %s was learned with other settings or another network file; learning again", network.role, path)
+    log.info("%s: %s was learned with other settings or another network file; learning again",
+             network.role, path)
     return None

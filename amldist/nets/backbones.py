@@ -40,7 +40,8 @@ OUTPUT_CHANNELS = {
     "wide_cnn": 256,
 }
 # Plain conv-BN-ReLU stacks that learn from scratch in CPU-minutes (the CPU demo's teacher and student).
-_PLAIN_CNN_WIDTHS = {"mini_cnn": (16, 32, 64, 128), "small_cnn": (32, 64, 128, 128), "wide_cnn": (64, 128, 256, 256)}
+_PLAIN_CNN_WIDTHS = {"mini_cnn": (16, 32, 64, 128), "small_cnn": (32, 64, 128, 128),
+                     "wide_cnn": (64, 128, 256, 256)}
 ARCHITECTURES = tuple(OUTPUT_CHANNELS)
 TEACHERS = ("vgg16", "resnet101")
 STUDENTS = ("mobilenet_v2", "efficientnet_b3")

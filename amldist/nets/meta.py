@@ -59,8 +59,8 @@ class NetMeta:
             outputdim=_whole_number(meta.get("outputdim", 0), "outputdim"),
             mean=_three_numbers(meta["mean"], "mean"),
             std=_three_numbers(meta["std"], "std", positive=True),
-            projection_dim=(_whole_number(stored_projection, "projection_dim") if stored_projection is not None
-                            else projection_dim),
+            projection_dim=(_whole_number(stored_projection, "projection_dim")
+                            if stored_projection is not None else projection_dim),
             local_whitening=bool(meta.get("local_whitening", False)),
             regional=bool(meta.get("regional", False)),
             whitening=bool(meta.get("whitening", False)),

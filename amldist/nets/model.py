@@ -22,7 +22,8 @@ class RetrievalNet(nn.Module):
     network files load into it directly.
     """
 
-    def __init__(self, features: nn.Sequential, pool: nn.Module, meta: NetMeta, whiten: nn.Linear | None = None):
+    def __init__(self, features: nn.Sequential, pool: nn.Module, meta: NetMeta,
+                 whiten: nn.Linear | None = None):
         super().__init__()
         self.features = features
         self.pool = pool

@@ -23,7 +23,8 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return total / count
 
 
-def gem(x: Tensor, p: Tensor | float = GEM_P_INIT, eps: float = GEM_EPS, mask: Tensor | None = None) -> Tensor:
+def gem(x: Tensor, p: Tensor | float = GEM_P_INIT, eps: float = GEM_EPS,
+        mask: Tensor | None = None) -> Tensor:
     """Generalised mean: (mean over positions of clamp(x, eps)^p)^(1/p). (B, C, H, W) -> (B, C)."""
     return _masked_mean(x.clamp(min=eps).pow(p), mask).pow(1.0 / p)
 

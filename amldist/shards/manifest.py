@@ -112,7 +112,8 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if not all(isinstance(s, dict) and _plain_name(s.get("name")) and _count(s.get("count")) for s in shards):
         return "a shards entry lacks a file name or a count"
     if sum(s["count"] for s in shards) != manifest["num_samples"]:
-        return f"the shards hold {sum(s['count'] for s in shards)} samples, not num_samples={manifest['num_samples']}"
+        return (f"the shards hold {sum(s['count'] for s in shards)} samples, "
+                f"not num_samples={manifest['num_samples']}")
     if not isinstance(skipped, list) or len(skipped) != manifest["num_skipped"] or not all(
             isinstance(s, dict) and {"index", "name", "reason"} <= s.keys() for s in skipped):
         return f"skipped is not a list of num_skipped={manifest['num_skipped']} entries"

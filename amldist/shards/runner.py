@@ -1,4 +1,5 @@
-"""Run a function over many items, in a process pool or in-process, with a progress bar."""
+"""Run a function over many items, in a process pool or in-process, with a progress bar (`open_runner`
+also offers the same over Ray tasks, amldist/shards/ray_runner.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,22 @@ def resolve_workers(workers: int | None) -> int:
     if not isinstance(workers, int) or workers < 0:
         raise UserError(f"workers must be a non-negative integer, got {workers!r}")
     return max(workers, 1)
+
+
+def batch_size(count: int, workers: int) -> int:
+    """Items per hand-out: about 8 per worker over the run, so the last ones do not wait on a big batch."""
+    return max(1, min(256, count // (workers * 8)))
+
+
+def open_runner(workers: int | None = None, ray_workers: int | None = None):
+    """A Runner over local processes, or with `ray_workers` one over that many Ray tasks at a time."""
+    if ray_workers is None:
+        return Runner(resolve_workers(workers))
+    if workers is not None:
+        raise UserError("choose local worker processes or Ray workers, not both")
+    from amldist.shards.ray_runner import RayRunner  # Ray only where the work is spread over it
+
+    return RayRunner(ray_workers)
 
 
 class Runner:
@@ -61,9 +78,8 @@ class Runner:
         if self._pool is None:
             results = map(fn, items)
         else:
-            chunksize = max(1, min(256, len(items) // (self.workers * 8)))
             mapper = self._pool.imap_unordered if unordered else self._pool.imap
-            results = mapper(fn, items, chunksize=1 if unordered else chunksize)
+            results = mapper(fn, items, chunksize=1 if unordered else batch_size(len(items), self.workers))
         done = []
         with tqdm(total=len(items) if total is None else total, desc=desc, unit=unit,
                   disable=progress_disabled(), leave=False) as bar:

@@ -28,7 +28,7 @@ from amldist.atomic import atomic_path, ensure_writable_dir, is_temporary
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
 from amldist.shards import manifest as mf
-from amldist.shards.runner import Runner, resolve_workers
+from amldist.shards.runner import Runner, open_runner
 
 TAR_BLOCK = 512
 # What one sample adds to a shard besides its JPEG: two tar headers, the json member, padding.
@@ -252,12 +252,13 @@ def _build_manifest(parts: list[dict[str, Any]], skipped: list[dict[str, Any]], 
             "quality": source["quality"], "source": source, "shards": shards,
             "num_images": num_images, "num_samples": sum(p["count"] for p in parts),
             "num_skipped": len(skipped), "total_bytes": sum(p["bytes"] for p in parts),
-            "index_file": mf.INDEX_NAME, "index_columns": list(mf.INDEX_COLUMNS), "index_sha256": index_sha256,
-            "skipped": skipped, "num_shards": len(shards)}
+            "index_file": mf.INDEX_NAME, "index_columns": list(mf.INDEX_COLUMNS),
+            "index_sha256": index_sha256, "skipped": skipped, "num_shards": len(shards)}
 
 
 def _finish_split(split_dir: Path, parts: list[dict[str, Any]],
-                  probe_skips: list[dict[str, Any]], source: dict[str, Any], num_images: int) -> dict[str, Any]:
+                  probe_skips: list[dict[str, Any]], source: dict[str, Any],
+                  num_images: int) -> dict[str, Any]:
     """Write index.npy, then the manifest (last): together they say the split is complete."""
     width = len(mf.INDEX_COLUMNS)
     # Converted shard by shard: 1M samples as one list of Python lists would cost several hundred MB.
@@ -316,7 +317,8 @@ def shard_split(records: list[formats.ImageRecord], root: Path, split_dir: Path,
 def _check_arguments(root: Path, image_size: int, quality: int, shard_count: int, shard_bytes: int) -> None:
     if not root.is_dir():
         raise UserError(f"no such data root: {root}")
-    for name, value in (("image size", image_size), ("shard count", shard_count), ("shard bytes", shard_bytes)):
+    for name, value in (("image size", image_size), ("shard count", shard_count),
+                        ("shard bytes", shard_bytes)):
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(quality, int) or not 1 <= quality <= 100:
@@ -338,7 +340,8 @@ def _check_split_dir(split_dir: Path, params: SplitParams, force: bool) -> None:
         theirs = (old.get("dataset"), old.get("split"))
         if theirs != (params.dataset, params.split) and not force:
             raise UserError(f"{split_dir} holds shards of {theirs[0]}/{theirs[1]}, not "
-                            f"{params.dataset}/{params.split}; pass --force to replace them, or choose another --out")
+                            f"{params.dataset}/{params.split}; pass --force to replace them, "
+                            "or choose another --out")
     ensure_writable_dir(split_dir, "shard folder")
 
 
@@ -356,18 +359,20 @@ def shard_dataset(root: str | Path, name: str, out: str | Path | None = None, im
                   splits: list[str] | tuple[str, ...] | None = None,
                   shard_count: int = mf.DEFAULT_SHARD_COUNT, shard_bytes: int = mf.DEFAULT_SHARD_BYTES,
                   workers: int | None = None, quality: int = mf.DEFAULT_QUALITY,
-                  force: bool = False) -> dict[str, dict[str, Any]]:
+                  force: bool = False, ray_workers: int | None = None) -> dict[str, dict[str, Any]]:
     """Write (or bring up to date) `OUT/<split>/` for each split of `name`; returns {split: manifest}.
 
     OUT defaults to `layout.shards_dir(root, name, image_size)`; image_size defaults to 362 for
     training sets and 1024 for test sets and distractors. A split folder holding shards of another
-    dataset or split is refused unless force.
+    dataset or split is refused unless force. The work runs in `workers` local processes, or with
+    `ray_workers` in that many Ray tasks at a time (the same bytes either way).
     """
     root = Path(root)
     layout.check_dataset(name)
     image_size = mf.default_image_size(name) if image_size is None else image_size
     _check_arguments(root, image_size, quality, shard_count, shard_bytes)
     chosen = _choose_splits(name, splits)
+    runner = open_runner(workers, ray_workers)  # refuses both kinds of workers at once, before any work
     out = Path(out) if out is not None else layout.shards_dir(root, name, image_size)
     if out.exists() and not out.is_dir():
         raise UserError(f"shard output {out} exists and is not a folder")
@@ -375,7 +380,7 @@ def shard_dataset(root: str | Path, name: str, out: str | Path | None = None, im
         _check_split_dir(out / split, SplitParams(name, split, image_size, quality), force)
     images = formats.list_images(root, name)
     manifests = {}
-    with Runner(resolve_workers(workers)) as runner:
+    with runner:
         for split in chosen:
             params = SplitParams(name, split, image_size, quality)
             manifests[split] = shard_split(images[split], root, out / split, params, shard_count,

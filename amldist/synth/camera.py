@@ -72,12 +72,14 @@ def _sample_geometry(rng: np.random.Generator, kind: str) -> tuple[str, float, f
             rng.uniform(-2.5, 2.5)
     if kind == "hard":
         mode = str(rng.choice(["far", "close", "oblique"]))
-        fill = {"far": rng.uniform(0.2, 0.32), "close": rng.uniform(1.3, 2.0), "oblique": rng.uniform(0.4, 0.75)}[mode]
+        fill = {"far": rng.uniform(0.2, 0.32), "close": rng.uniform(1.3, 2.0),
+                "oblique": rng.uniform(0.4, 0.75)}[mode]
         yaw = sign * (rng.uniform(0.3, 0.45) if mode == "oblique" else rng.uniform(0.08, 0.3))
         return mode, fill, yaw, rng.uniform(0.0, 0.2), rng.uniform(-6.0, 6.0)
     if kind == "junk":
         mode = str(rng.choice(["tiny", "sliver", "occluded"]))
-        fill = {"tiny": rng.uniform(0.06, 0.12), "sliver": rng.uniform(0.7, 1.1), "occluded": rng.uniform(0.45, 0.8)}[mode]
+        fill = {"tiny": rng.uniform(0.06, 0.12), "sliver": rng.uniform(0.7, 1.1),
+                "occluded": rng.uniform(0.45, 0.8)}[mode]
         return mode, fill, sign * rng.uniform(0.0, 0.3), rng.uniform(0.0, 0.15), rng.uniform(-5.0, 5.0)
     raise ValueError(f"unknown view kind {kind!r}")
 
@@ -193,4 +195,5 @@ def _extend(pixels: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
 def _padding(quad: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int, int]:
     x_min, y_min = np.floor(quad.min(axis=0)) - 2
     x_max, y_max = np.ceil(quad.max(axis=0)) + 2
-    return (int(max(0, -x_min)), int(max(0, -y_min)), int(max(0, x_max - size[0])), int(max(0, y_max - size[1])))
+    return (int(max(0, -x_min)), int(max(0, -y_min)), int(max(0, x_max - size[0])),
+            int(max(0, y_max - size[1])))

@@ -174,20 +174,22 @@ def _tower(image, draw, t: Tower, f: Facade, box, scale, unit, rng) -> None:
     start = top + (bottom - top) * (0.22 if t.clock else 0.08)
     for i in range(t.windows):
         y = start + i * step
-        _window(draw, "rect" if f.window_shape == "rect" else "arch", (x0 + w * 0.32, y, x1 - w * 0.32, y + step * 0.7),
-                f.window_color, f.trim,
+        _window(draw, "rect" if f.window_shape == "rect" else "arch",
+                (x0 + w * 0.32, y, x1 - w * 0.32, y + step * 0.7), f.window_color, f.trim,
                 max(1.0, w * 0.05))
     if t.clock:
         r, cy = w * 0.3, top + (bottom - top) * 0.1
         cx = (x0 + x1) / 2
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(236, 230, 210), outline=f.trim, width=max(1, round(r * 0.15)))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(236, 230, 210), outline=f.trim,
+                     width=max(1, round(r * 0.15)))
         draw.line([(cx, cy), (cx + r * 0.55, cy - r * 0.3)], fill=(30, 30, 30), width=max(1, round(r * 0.1)))
         draw.line([(cx, cy), (cx - r * 0.1, cy - r * 0.8)], fill=(30, 30, 30), width=max(1, round(r * 0.08)))
     cx = (x0 + x1) / 2
     if t.roof in ("spire", "pyramid"):
         overhang = w * (0.04 if t.roof == "spire" else 0.12)
         draw.polygon([(x0 - overhang, top), (x1 + overhang, top), (cx, top - rh)], fill=f.roof_color)
-        draw.line([(cx, top - rh), (cx, top - rh - w * 0.25)], fill=shade(f.roof_color, 0.7), width=max(1, round(w * 0.04)))
+        draw.line([(cx, top - rh), (cx, top - rh - w * 0.25)], fill=shade(f.roof_color, 0.7),
+                  width=max(1, round(w * 0.04)))
     elif t.roof == "dome":
         draw.pieslice((x0, top - rh, x1, top + rh), 180, 360, fill=f.roof_color)
     elif t.roof == "crenel":
@@ -214,5 +216,5 @@ def _dome(draw, f: Facade, box, scale) -> None:
     if d.lantern:
         lw, lh = half * 0.12, 0.02 * scale
         draw.rectangle([cx - lw, top - height - lh, cx + lw, top - height + 1], fill=shade(f.trim, 0.95))
-        draw.pieslice((cx - lw * 1.2, top - height - lh - lw, cx + lw * 1.2, top - height - lh + lw), 180, 360,
-                      fill=d.color)
+        draw.pieslice((cx - lw * 1.2, top - height - lh - lw, cx + lw * 1.2, top - height - lh + lw), 180,
+                      360, fill=d.color)

@@ -35,7 +35,8 @@ def _gothic(rng: np.random.Generator) -> dict[str, Any]:
     roof = str(rng.choice(["spire", "pyramid", "crenel"], p=[0.6, 0.25, 0.15]))
     width, above, spire = rng.uniform(0.05, 0.08), rng.uniform(0.08, 0.18), rng.uniform(0.06, 0.14)
     layout = rng.choice(["twin", "single_side", "central"], p=[0.5, 0.25, 0.25])
-    xs = {"twin": (-0.5, 0.5), "single_side": (float(rng.choice([-0.5, 0.5])),), "central": (0.0,)}[str(layout)]
+    xs = {"twin": (-0.5, 0.5), "single_side": (float(rng.choice([-0.5, 0.5])),),
+          "central": (0.0,)}[str(layout)]
     return {"width": rng.uniform(0.26, 0.38), "height": rng.uniform(0.16, 0.24),
             "wall": hsv(rng.uniform(0.07, 0.13), rng.uniform(0.1, 0.35), rng.uniform(0.55, 0.85)),
             "texture": str(rng.choice(["stone", "brick"], p=[0.7, 0.3])), "roof": "gable",

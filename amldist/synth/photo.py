@@ -97,8 +97,8 @@ def draw_occluders(image: Image.Image, view: View, bbx: tuple[float, ...], rng: 
         x = rng.uniform(bbx[0], bbx[2]) if over_landmark else rng.uniform(0, w)
         size = h * (rng.uniform(0.25, 0.6) if over_landmark else rng.uniform(0.08, 0.3))
         kind = str(rng.choice(["tree", "person", "car", "lamp"], p=[0.3, 0.35, 0.2, 0.15]))
-        {"tree": _tree, "person": _person, "car": _car, "lamp": _lamp}[kind](draw, x, h * rng.uniform(0.92, 1.05),
-                                                                             size, rng)
+        {"tree": _tree, "person": _person, "car": _car, "lamp": _lamp}[kind](
+            draw, x, h * rng.uniform(0.92, 1.05), size, rng)
 
 
 def _big_occluder(draw, bbx, image_height, rng) -> None:
@@ -113,8 +113,8 @@ def _big_occluder(draw, bbx, image_height, rng) -> None:
             draw.ellipse((px - r, py - r, px + r, py + r), fill=shade(color, rng.uniform(0.75, 1.25)))
     else:  # a bus or a hoarding: a large box with a row of windows, on wheels
         color = hsv(rng.uniform(0, 1), rng.uniform(0.25, 0.6), rng.uniform(0.4, 0.8))
-        box = [x0 - rx * rng.uniform(0.1, 0.3), y0 + ry * rng.uniform(0.0, 0.2), x1 + rx * rng.uniform(0.1, 0.3),
-               image_height - ry * 0.12]
+        box = [x0 - rx * rng.uniform(0.1, 0.3), y0 + ry * rng.uniform(0.0, 0.2),
+               x1 + rx * rng.uniform(0.1, 0.3), image_height - ry * 0.12]
         draw.rectangle(box, fill=color)
         draw.rectangle([box[0], box[3] - ry * 0.25, box[2], box[3] - ry * 0.18], fill=shade(color, 0.6))
         count = int(rng.integers(3, 7))
@@ -157,14 +157,16 @@ def _car(draw, x, ground, size, rng) -> None:
                            radius=height * 0.12, fill=color)
     for wx in (x - length * 0.3, x + length * 0.3):
         r = height * 0.18
-        draw.ellipse((wx - r, ground - height * 0.15 - r, wx + r, ground - height * 0.15 + r), fill=(25, 25, 25))
+        draw.ellipse((wx - r, ground - height * 0.15 - r, wx + r, ground - height * 0.15 + r),
+                     fill=(25, 25, 25))
 
 
 def _lamp(draw, x, ground, size, rng) -> None:
     pole = max(1.0, size * 0.02)
     top = ground - size * 1.4
     draw.rectangle([x - pole, top, x + pole, ground], fill=(40, 40, 45))
-    draw.ellipse((x - size * 0.08, top - size * 0.1, x + size * 0.08, top + size * 0.04), fill=(230, 220, 170))
+    draw.ellipse((x - size * 0.08, top - size * 0.1, x + size * 0.08, top + size * 0.04),
+                 fill=(230, 220, 170))
 
 
 def photograph(seed: int, scene: Image.Image, view: View, box: tuple[float, float, float, float],

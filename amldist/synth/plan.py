@@ -108,7 +108,8 @@ def _kinds(rng: np.random.Generator, count: int) -> list[str]:
 
 def cid_of(seed: int, preset: Preset, spec: LandmarkSpec, view_id: int) -> str:
     """A 32-hex SfM image id, stable for (seed, preset, landmark, view)."""
-    return hashlib.md5(f"amldist-synth/{preset.name}/{seed}/{spec.landmark_id}/{view_id}".encode()).hexdigest()
+    return hashlib.md5(
+        f"amldist-synth/{preset.name}/{seed}/{spec.landmark_id}/{view_id}".encode()).hexdigest()
 
 
 def _sfm_tasks(rng, landmarks: list[LandmarkSpec], views: int, preset: Preset, seed: int) -> list[ViewTask]:
@@ -205,7 +206,8 @@ def _distractor_tasks(rng, ids: _Ids, count: int) -> list[ViewTask]:
     while len(tasks) < count:
         for spec in ids.family(int(rng.choice([1, 2], p=[0.7, 0.3])), "distractors"):
             for view_id, kind in enumerate(_kinds(rng, min(int(rng.integers(1, 4)), count - len(tasks)))):
-                path = jpg / f"{spec.landmark_id % 100:02d}" / f"synth_{spec.landmark_id:07d}_{view_id:02d}.jpg"
+                path = (jpg / f"{spec.landmark_id % 100:02d}"
+                        / f"synth_{spec.landmark_id:07d}_{view_id:02d}.jpg")
                 tasks.append(ViewTask(spec, view_id, kind, path.as_posix()))
     return tasks
 

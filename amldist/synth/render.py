@@ -57,7 +57,8 @@ def _clouds(image: Image.Image, s: Surroundings, scale: int, rng: np.random.Gene
         for _ in range(5):  # a cloud is a few overlapping puffs
             px, py = (x + rng.uniform(-rx, rx) * 0.6) * scale, (y + rng.uniform(-ry, ry) * 0.5) * scale
             prx, pry = rx * scale * rng.uniform(0.35, 0.7), ry * scale * rng.uniform(0.6, 1.2)
-            draw.ellipse([v * small for v in (px - prx, py - pry, px + prx, py + pry)], fill=int(rng.uniform(150, 230)))
+            draw.ellipse([v * small for v in (px - prx, py - pry, px + prx, py + pry)],
+                         fill=int(rng.uniform(150, 230)))
     mask = mask.filter(ImageFilter.GaussianBlur(radius=max(0.5, scale * 0.006 * small)))
     mask = mask.resize((scale, bottom), Image.BILINEAR)
     white = Image.new("RGB", mask.size, (246, 246, 248))
@@ -89,7 +90,8 @@ def _neighbours(image: Image.Image, s: Surroundings, scale: int, rng: np.random.
         box = [round(x0 * scale), round(top * scale), round(x1 * scale), base]
         draw.rectangle(box, fill=color)
         roof = shade(color, 0.55)
-        draw.polygon([(box[0] - 2, box[1]), (box[2] + 2, box[1]), ((box[0] + box[2]) / 2, box[1] - (box[2] - box[0]) * 0.25)],
+        draw.polygon([(box[0] - 2, box[1]), (box[2] + 2, box[1]),
+                      ((box[0] + box[2]) / 2, box[1] - (box[2] - box[0]) * 0.25)],
                      fill=roof)
         cols, rows = int(rng.integers(2, 4)), int(rng.integers(2, 5))
         cell_w, cell_h = (box[2] - box[0]) / cols, (box[3] - box[1]) / (rows + 0.5)

@@ -91,7 +91,8 @@ def _neighbours(rng: np.random.Generator, horizon: float, has_building: bool):
 def _trees(rng: np.random.Generator, has_building: bool):
     trees = []
     for _ in range(int(rng.integers(0, 5) if has_building else rng.integers(3, 9))):
-        x = rng.choice([rng.uniform(0.1, 0.22), rng.uniform(0.78, 0.9)]) if has_building else rng.uniform(0.1, 0.9)
+        x = (rng.choice([rng.uniform(0.1, 0.22), rng.uniform(0.78, 0.9)]) if has_building
+             else rng.uniform(0.1, 0.9))
         color = hsv(rng.uniform(0.22, 0.38), rng.uniform(0.35, 0.7), rng.uniform(0.25, 0.5))
         trees.append((float(x), rng.uniform(0.03, 0.06), color))
     return tuple(trees)

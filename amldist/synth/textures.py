@@ -62,7 +62,8 @@ def ground(pattern: str, height: int, width: int, color: RGB, rng: np.random.Gen
     ys, xs = np.ogrid[0:height, 0:width]
     depth = (ys.astype(np.float32) + 2.0) / max(height, 1)  # (H, 1): 0 at the horizon, 1 at the bottom
     if pattern == "grass":
-        factor = 1.0 + 0.12 * smooth_noise(rng, height, width, 40) + 0.08 * smooth_noise(rng, height, width, 8)
+        factor = (1.0 + 0.12 * smooth_noise(rng, height, width, 40)
+                  + 0.08 * smooth_noise(rng, height, width, 8))
         factor += 0.08 * rng.standard_normal((height, width), dtype=np.float32)
     else:
         tile = 0.12 if pattern == "paving" else 0.35

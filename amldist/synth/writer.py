@@ -4,7 +4,8 @@ Every image depends only on (seed, preset, landmark, view), so the bytes do not 
 order or on the number of processes. Files are written atomically, so a file under its final
 name is complete: a rerun with the same parameters renders only the missing images. A root made
 with other parameters is refused unless `overwrite` is set; a root holding datasets that this
-generator did not write is always refused.
+generator did not write is always refused. `layout` says where the training landmarks go
+(amldist/synth/layouts.py): cirtorch's SfM-120k files, a folder per landmark, or GLDv2's CSVs and tree.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from amldist.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, is_temporary
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
+from amldist.synth import layouts
 from amldist.synth.camera import sample_view
 from amldist.synth.params import LandmarkSpec
 from amldist.synth.photo import photograph
@@ -41,27 +43,27 @@ MANIFEST = "synth.json"
 def dataset_dirs(root: Path) -> list[Path]:
     """The folders a synthetic root consists of (besides synth.json)."""
     return ([layout.train_dir(root, TRAIN_NAME)] + [layout.test_dir(root, name) for name in TEST_NAMES]
-            + [layout.distractor_dir(root, DISTRACTOR_NAME)])
+            + [layout.distractor_dir(root, DISTRACTOR_NAME)] + layouts.layout_dirs(root))
 
 
 def generate(root: str | Path, preset_name: str, seed: int, workers: int | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, layout_name: str = "cirtorch") -> dict:
     """Write (or complete) the synthetic datasets under `root`; returns the synth.json record."""
     preset = get_preset(preset_name)
     root = Path(root).expanduser()
     identity = {"generator": "amldist.synth", "generator_version": GENERATOR_VERSION,
-                "preset": preset.name, "seed": int(seed)}
+                "preset": preset.name, "seed": int(seed), "layout": layouts.check_layout(layout_name)}
     _prepare_root(root, identity, overwrite)
-    plan = make_plan(preset, seed)
+    plan = layouts.relayout(make_plan(preset, seed), layout_name, seed, preset)
     record = {**identity, "image_max_side": preset.image_max_side, "preset_params": preset.as_dict(),
-              "counts": plan.counts(), "complete": False}
+              "counts": layouts.counts(plan, layout_name), "complete": False}
     atomic_write_json(root / MANIFEST, record)
     _remove_temporaries(root)
     missing = [t for t in plan.tasks if not (root / t.path).is_file()]
     log.info("%d of %d images to render (%d already there)", len(missing), len(plan.tasks),
              len(plan.tasks) - len(missing))
     render_tasks(root, seed, preset.image_max_side, missing, workers or os.cpu_count() or 1)
-    _write_lists(root, plan)
+    _write_lists(root, plan, layout_name)
     record["complete"] = True
     atomic_write_json(root / MANIFEST, record)
     return record
@@ -79,6 +81,7 @@ def _prepare_root(root: Path, identity: dict, overwrite: bool) -> None:
         return
     try:
         existing = json.loads(manifest.read_text())
+        existing.setdefault("layout", "cirtorch")  # written before there was a choice
         same = all(existing.get(key) == value for key, value in identity.items())
     except (OSError, ValueError, AttributeError):
         existing, same = {}, False
@@ -88,8 +91,8 @@ def _prepare_root(root: Path, identity: dict, overwrite: bool) -> None:
         raise UserError(f"{manifest} is unreadable; pass --overwrite to replace the synthetic set")
     if not overwrite:
         raise UserError(f"{root} holds a synthetic set made with preset {existing.get('preset')!r}, seed "
-                        f"{existing.get('seed')}, generator version {existing.get('generator_version')}; "
-                        "pass --overwrite to replace it")
+                        f"{existing.get('seed')}, layout {existing.get('layout')}, generator version "
+                        f"{existing.get('generator_version')}; pass --overwrite to replace it")
     log.info("removing the previous synthetic datasets under %s", root)
     for folder in dataset_dirs(root):
         shutil.rmtree(folder, ignore_errors=True)
@@ -129,23 +132,28 @@ def render_tasks(root: Path, seed: int, image_max_side: int, tasks: list[ViewTas
                 raise
 
 
-def render_landmark(root: str, seed: int, image_max_side: int, spec: LandmarkSpec, tasks: list[ViewTask]) -> int:
+def render_landmark(root: str, seed: int, image_max_side: int, spec: LandmarkSpec,
+                    tasks: list[ViewTask]) -> int:
     """Worker: draw the landmark's scene once, photograph each view, write each JPEG atomically."""
     landmark = make_landmark(seed, spec)
     scene = render_scene(seed, landmark, image_max_side)
     box = landmark.box()
     for task in tasks:
         view = sample_view(seed, spec.landmark_id, task.view_id, task.kind, box, image_max_side)
-        atomic_write_bytes(Path(root) / task.path, photograph(seed, scene, view, box, spec.landmark_id, task.view_id))
+        jpeg = photograph(seed, scene, view, box, spec.landmark_id, task.view_id)
+        atomic_write_bytes(Path(root) / task.path, layouts.encoded(task.path, jpeg))
     return len(tasks)
 
 
-def _write_lists(root: Path, plan: Plan) -> None:
-    formats.write_sfm_db(layout.train_db_path(root, TRAIN_NAME), plan.sfm)
-    formats.write_whiten_db(layout.whiten_db_path(root, TRAIN_NAME), plan.whiten)
+def _write_lists(root: Path, plan: Plan, layout_name: str) -> None:
+    if layout_name == "cirtorch":
+        formats.write_sfm_db(layout.train_db_path(root, TRAIN_NAME), plan.sfm)
+        formats.write_whiten_db(layout.whiten_db_path(root, TRAIN_NAME), plan.whiten)
+    layouts.write_lists(root, plan, layout_name)
     for name, truth in plan.gnd.items():
         formats.write_gnd(layout.gnd_path(root, name), truth)
-    atomic_write_text(layout.distractor_list_path(root, DISTRACTOR_NAME), "".join(f"{line}\n" for line in plan.distractors))
+    atomic_write_text(layout.distractor_list_path(root, DISTRACTOR_NAME),
+                      "".join(f"{line}\n" for line in plan.distractors))
 
 
 def _progress_disabled() -> bool:

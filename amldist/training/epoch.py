@@ -102,7 +102,8 @@ class Trainer:
                                                 reduction=config.loss.reduction)
         if self.settings.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.images = TrainImages(paths.train_shards, config.data.image_size, self.net.meta.mean, self.net.meta.std)
+        self.images = TrainImages(paths.train_shards, config.data.image_size, self.net.meta.mean,
+                                  self.net.meta.std)
         if self.freeze_batchnorm and not model.pretrained:
             self._calibrate_batchnorm()
         self.model = wrap(TupleEmbedder(self.net))
@@ -154,9 +155,11 @@ class Trainer:
         anchors = all_tuples.anchors[mine_positions]
         if family.negatives == NO_NEGATIVES:
             return np.zeros((len(anchors), 0), np.int64), float("nan"), None
-        if family.negatives == RANDOM_NEGATIVES:  # every rank draws for all anchors: the same at any world size
+        # every rank draws for all anchors: the same at any world size
+        if family.negatives == RANDOM_NEGATIVES:
             self.miner.new_epoch(epoch, seed)
-            negatives = self.miner.random_negatives(all_tuples.anchors, family.num_negatives, family.random_rule, 0)
+            negatives = self.miner.random_negatives(all_tuples.anchors, family.num_negatives,
+                                                    family.random_rule, 0)
             return negatives[mine_positions], float("nan"), None
         pool = self.student_pool(epoch) if family.negatives == STUDENT_POOL else None
         if pool is None:
@@ -179,8 +182,8 @@ class Trainer:
         if pool is None:
             return self.miner.hard_negatives(anchors, vecs, count)
         clusters = self.train_labels.clusters
-        return mining.select_hard_negatives(vecs, pool.vectors, pool.ids, clusters[pool.ids], clusters[anchors],
-                                            count, search=pool.top_k)
+        return mining.select_hard_negatives(vecs, pool.vectors, pool.ids, clusters[pool.ids],
+                                            clusters[anchors], count, search=pool.top_k)
 
     def probe_negatives(self, pool: StudentPool | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Rank 0: the fixed grid anchors and the negatives they get now (Fig. 2)."""
@@ -202,7 +205,8 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
-    def train_steps(self, steps: list[StepTuples], teacher: VectorTable | None, progress: Progress) -> np.ndarray:
+    def train_steps(self, steps: list[StepTuples], teacher: VectorTable | None,
+                    progress: Progress) -> np.ndarray:
         """Train on the rank's steps; returns every tuple loss (n,)."""
         set_train_mode(self.net, self.freeze_batchnorm)  # after any eval-mode embedding
         every = self.config.optim.update_every
@@ -213,8 +217,9 @@ class Trainer:
             updates = (index + 1) % every == 0 or index == len(steps) - 1
             no_sync = getattr(self.model, "no_sync", None)
             with contextlib.nullcontext() if updates or no_sync is None else no_sync():
-                losses.append(loss_and_backward(self.model, self.loss_fn, self.family, tuples, images, teacher,
-                                                self.settings))  # on the device: read once, after the epoch
+                # on the device: read once, after the epoch
+                losses.append(loss_and_backward(self.model, self.loss_fn, self.family, tuples, images,
+                                                teacher, self.settings))
             if updates:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -249,8 +254,8 @@ class Trainer:
             self.miner.wait_s = 0.0
         torch.manual_seed(int(np.random.SeedSequence([cfg.run.seed, epoch, self.rank]).generate_state(1)[0]))
         lr = start_epoch_schedule(self.scheduler)
-        all_tuples = draw_epoch_tuples(self.train_labels, self.family, cfg.mining.queries_per_epoch, cfg.run.seed,
-                                       epoch)
+        all_tuples = draw_epoch_tuples(self.train_labels, self.family, cfg.mining.queries_per_epoch,
+                                       cfg.run.seed, epoch)
         step_positions = rank_steps(len(all_tuples), cfg.run.batch_size, self.rank, self.world_size)
         mine_positions = rank_positions(step_positions)
         negatives, distance, pool = self.mine(epoch, all_tuples, mine_positions)
@@ -271,10 +276,12 @@ class Trainer:
         metrics["epoch_time_s"] = time.perf_counter() - started
         return EpochOutcome(metrics, *(probes if probes is not None else (None, None)))
 
-    def _epoch_metrics(self, losses: np.ndarray, distance: float, lr: float, timings: dict) -> dict[str, float]:
+    def _epoch_metrics(self, losses: np.ndarray, distance: float, lr: float,
+                       timings: dict) -> dict[str, float]:
         hard = not np.isnan(distance)
         total_loss, tuples, dist_sum, dist_count = collective.all_reduce(
-            [float(losses.sum()), len(losses), distance * len(losses) if hard else 0.0, len(losses) if hard else 0],
+            [float(losses.sum()), len(losses), distance * len(losses) if hard else 0.0,
+             len(losses) if hard else 0],
             device=self.device if self.device.type == "cuda" else None)
         miner_wait = self.miner.wait_s if self.miner is not None else 0.0
         train_s, miner_wait, mining_s = collective.all_reduce(

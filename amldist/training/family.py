@@ -57,7 +57,8 @@ class TupleFamily:
 
     @property
     def negatives(self) -> str:
-        """Where this tuple's negatives come from: NO_NEGATIVES, RANDOM_NEGATIVES, TEACHER_POOL, STUDENT_POOL."""
+        """Where this tuple's negatives come from: NO_NEGATIVES, RANDOM_NEGATIVES, TEACHER_POOL,
+        STUDENT_POOL."""
         if self.mining == "none" or self.num_negatives == 0:
             return NO_NEGATIVES
         if self.mining == "random":
@@ -94,7 +95,8 @@ class LabelledTuples(TupleFamily):
         loss, mining = config.loss, config.mining
         positives = mining.num_positives if loss.use_positives is not False else 0
         negatives = mining.num_negatives if loss.use_negatives is not False else 0
-        return cls(bool(loss.asym), positives, negatives, bool(loss.use_self), mining.kind if negatives else "none")
+        return cls(bool(loss.asym), positives, negatives, bool(loss.use_self),
+                   mining.kind if negatives else "none")
 
     @property
     def students_references(self) -> bool:

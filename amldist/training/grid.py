@@ -34,5 +34,6 @@ def negatives_grid(rows: Sequence[Sequence[Image.Image]], cell: int = 96, border
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             colour = ANCHOR_COLOUR if c == 0 else NEGATIVE_COLOUR
-            canvas.paste(_framed(image, cell, border, colour), (gap + c * (cell + gap), gap + r * (cell + gap)))
+            canvas.paste(_framed(image, cell, border, colour),
+                         (gap + c * (cell + gap), gap + r * (cell + gap)))
     return np.asarray(canvas, dtype=np.uint8)

@@ -35,7 +35,8 @@ def make_optimizer(net: nn.Module, optim) -> torch.optim.Optimizer:
     raise UserError(f"optim.optimizer: unknown optimizer {optim.optimizer!r}; choose sgd or adam")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, lr_decay: float) -> torch.optim.lr_scheduler.ExponentialLR:
+def make_scheduler(optimizer: torch.optim.Optimizer,
+                   lr_decay: float) -> torch.optim.lr_scheduler.ExponentialLR:
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
 
 
@@ -63,7 +64,8 @@ def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
     return stats
 
 
-def calibrate_batchnorm(net: nn.Module, images: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> int:
+def calibrate_batchnorm(net: nn.Module, images: Iterable[torch.Tensor],
+                        device: torch.device | str = "cpu") -> int:
     """Estimate every BatchNorm's running statistics from `images` ((3, h, w) each, one per forward, in
     train mode, cumulative average), then freeze them; returns the number of images used.
 

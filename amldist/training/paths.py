@@ -56,7 +56,8 @@ def default_store_dir(config, split: str = "train") -> Path:
 
 
 def val_store_dir(train_store: Path) -> Path:
-    return train_store.parent / "val" if train_store.name == "train" else train_store.with_name(f"{train_store.name}-val")
+    return (train_store.parent / "val" if train_store.name == "train"
+            else train_store.with_name(f"{train_store.name}-val"))
 
 
 def shard_root(config) -> Path:
@@ -95,7 +96,8 @@ def resolve_paths(config) -> TrainingPaths:
     shards = shard_root(config)  # messages name the paths as the user gave them; the run gets absolute ones
     for split in ("train", "val"):
         if not (shards / split / "manifest.json").is_file():
-            raise UserError(f"no {split} shards in {shards / split}; write them with `{shards_command(config)}`")
+            raise UserError(f"no {split} shards in {shards / split}; write them with "
+                            f"`{shards_command(config)}`")
     root, shards = str(_absolute(Path(data.root))), _absolute(shards)
     if config.model.teacher is None:
         return TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"))
@@ -154,12 +156,14 @@ def ensure_val_store(config, paths: TrainingPaths, train_store: FeatureStore, nu
     # The teacher file (already checked against the train store), else the file the store names.
     network = teacher_file if teacher_file.is_file() else Path(train_store.manifest["network"])
     if not network.is_file():
-        raise UserError(f"no val teacher features in {paths.val_store} and the teacher network {network} is not "
-                        f"here to compute them; run `{features_command(config, Path(paths.val_shards), Path(paths.val_store))}`")
+        raise UserError(f"no val teacher features in {paths.val_store} and the teacher network {network} "
+                        "is not here to compute them; run "
+                        f"`{features_command(config, Path(paths.val_shards), Path(paths.val_store))}`")
     from amldist.teacher_features import compute_features
 
     log.info("computing the teacher's val features into %s", paths.val_store)
-    return compute_features(network, paths.val_shards, paths.val_store, image_size=train_store.manifest["image_size"],
+    return compute_features(network, paths.val_shards, paths.val_store,
+                            image_size=train_store.manifest["image_size"],
                             scales=train_store.manifest["scales"], num_workers=num_workers)
 
 

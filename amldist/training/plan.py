@@ -87,7 +87,8 @@ def draw_epoch_tuples(labels: SplitLabels, family: TupleFamily, queries_per_epoc
     return EpochTuples(anchors, positives)
 
 
-def fill_positives(labels: SplitLabels, pairs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+def fill_positives(labels: SplitLabels, pairs: np.ndarray, count: int,
+                   rng: np.random.Generator) -> np.ndarray:
     """(Q, count) positives: the drawn pair's own first (cirtorch's only one), then the query's other
     pkl positives in pair order, then random other images of its cluster. SfM-120k has no positive list
     beyond its pairs; same-cluster images are what those pairs were verified from."""
@@ -120,7 +121,8 @@ def usable_tuple_count(num_tuples: int, batch_size: int, world_size: int) -> int
     remainder = num_tuples % batch_size
     usable = num_tuples - remainder if 0 < remainder < world_size else num_tuples
     if usable == 0:
-        raise UserError(f"mining.queries_per_epoch: {num_tuples} tuples cannot be shared by {world_size} workers")
+        raise UserError(f"mining.queries_per_epoch: {num_tuples} tuples cannot be shared by "
+                        f"{world_size} workers")
     return usable
 
 

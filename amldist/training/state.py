@@ -49,7 +49,8 @@ def save_training_state(path: str | Path, net: nn.Module, optimizer, scheduler, 
                         progress: Progress, epoch_metrics: dict | None = None) -> Path:
     """Everything needed to resume at epoch `progress.epochs_done`, written atomically."""
     return save_checkpoint(path, net, epoch=progress.epochs_done, optimizer=optimizer, scheduler=scheduler,
-                           config=config, metrics={"progress": progress.to_dict(), "epoch": epoch_metrics or {}})
+                           config=config,
+                           metrics={"progress": progress.to_dict(), "epoch": epoch_metrics or {}})
 
 
 def load_training_state(path: str | Path, net: nn.Module, optimizer=None, scheduler=None) -> Progress:
@@ -64,7 +65,8 @@ def load_training_state(path: str | Path, net: nn.Module, optimizer=None, schedu
     try:
         net.load_state_dict(state["state_dict"])
     except RuntimeError as err:
-        raise UserError(f"{path}: its weights do not fit this run's network ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: its weights do not fit this run's network "
+                        f"({str(err).splitlines()[0]})") from None
     epochs = restore_training_state(state, optimizer, scheduler)
     progress = Progress.from_dict((state.get("metrics") or {}).get("progress"))
     progress.epochs_done = epochs

@@ -90,7 +90,8 @@ class StepSettings:
         if device.type == "cuda":
             padding = {"max_pad_frac": 0.0, "anchors_one_batch": False} if exact_shapes else {}
             return cls(device=device, amp_dtype=torch.bfloat16, channels_last=True, **padding, **settings)
-        return cls(device=device, max_pad_frac=0.0, anchors_one_batch=False, channels_last=all_images, **settings)
+        return cls(device=device, max_pad_frac=0.0, anchors_one_batch=False, channels_last=all_images,
+                   **settings)
 
     @property
     def loss_scale(self) -> float:
@@ -120,7 +121,8 @@ def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarra
         if settings.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         inputs.append((pixels, host_sizes(valid_hw)))  # host ints: DDP moves tensors, not these
-    with torch.autocast(settings.device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
+    with torch.autocast(settings.device.type, dtype=settings.amp_dtype,
+                        enabled=settings.amp_dtype is not None):
         outputs = embedder(inputs)
     order = np.concatenate([positions for positions, _, _ in batches])
     descriptors = torch.cat([out.float() for out in outputs])  # (U, D) in `order`
@@ -128,7 +130,8 @@ def embed_for_step(embedder: nn.Module, images: Sequence[Tensor], ids: np.ndarra
 
 
 def loss_and_backward(embedder: nn.Module, loss_fn, family: TupleFamily, tuples: StepTuples,
-                      images: Sequence[Tensor], teacher: VectorTable | None, settings: StepSettings) -> Tensor:
+                      images: Sequence[Tensor], teacher: VectorTable | None,
+                      settings: StepSettings) -> Tensor:
     """Forward the step's images, compute the loss of its tuples, back-propagate the scaled sum.
 
     `images[i]` is the normalised (3, h, w) tensor of `family.student_image_ids(tuples)[i]`. Returns the

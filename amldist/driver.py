@@ -93,7 +93,8 @@ def run_training(config: Config, *, storage: str, name: str, callbacks: list | N
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=job.to_loop_config(),
             scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu),
-            run_config=RunConfig(name=name, storage_path=storage_filesystem_path(storage), callbacks=callbacks,
+            run_config=RunConfig(name=name, callbacks=callbacks,
+                                 storage_path=storage_filesystem_path(storage),
                                  storage_filesystem=storage_filesystem(storage),  # endpoint settings of a URI
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),

@@ -91,7 +91,8 @@ def loopback_s3(buckets: list[str] = (), port: int | None = None, set_environmen
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amldist.loopback_s3", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m amldist.loopback_s3",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
     args = parser.parse_args(argv)

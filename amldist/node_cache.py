@@ -69,7 +69,8 @@ def expected_files(manifest: dict[str, Any], location: str) -> list[Expected]:
     """The files a shard-split or feature-store manifest names, with what each must be."""
     if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
         shards = [Expected(s["name"], int(s["bytes"]), s.get("sha256")) for s in manifest["shards"]]
-        return [*shards, Expected(manifest.get("index_file", "index.npy"), None, manifest.get("index_sha256"))]
+        index = Expected(manifest.get("index_file", "index.npy"), None, manifest.get("index_sha256"))
+        return [*shards, index]
     if isinstance(manifest, dict) and manifest.get("format") == STORE_FORMAT:
         return [Expected(manifest["array_file"], None, manifest["array_sha256"])]
     raise UserError(f"{location} holds neither a shard split nor a teacher feature store manifest")
@@ -123,7 +124,8 @@ def _fill_folder(location: str, target: Path, workers: int) -> Path:
     (target / MARKER).unlink(missing_ok=True)
     missing = [f for f in files if not _already_there(target / f.name, f)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = list(pool.map(lambda f: _download(storage.join(location, f.name), target / f.name, f), missing))
+        sizes = list(pool.map(lambda f: _download(storage.join(location, f.name), target / f.name, f),
+                              missing))
     _remove_strays(target, {f.name for f in files})
     with atomic_path(target / MANIFEST) as tmp:  # the manifest that was checked, beside what it names
         tmp.write_bytes(manifest_bytes)

@@ -53,7 +53,7 @@ from amldist.miner_actor import Miner
 NUM_ANCHORS = 2000
 NUM_NEGATIVES = 5
 K = 64
-WALK_K = 1024  # candidates the negatives are walked over: a structured pool's top 64 is mostly the anchor's landmark
+WALK_K = 1024  # candidates walked for negatives: a structured pool's top 64 is mostly the anchor's landmark
 NLIST = 1024
 PQ_BYTES = 64
 TRAIN_POINTS = 65536  # k-means sample: 64 per centroid (faiss warns below 39)
@@ -118,13 +118,13 @@ def structured_unit_vectors(num: int, dim: int, rng: np.random.Generator, chunk:
     num_clusters = max(10, num // IMAGES_PER_CLUSTER)
     spectrum = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5)[None]  # (1, D) per-axis scale
     types = rng.standard_normal((max(2, num_clusters // 10), dim)).astype(np.float32)
-    centres = types[rng.integers(0, len(types), num_clusters)] + 0.8 * rng.standard_normal((num_clusters, dim),
-                                                                                           dtype=np.float32)
+    noise = rng.standard_normal((num_clusters, dim), dtype=np.float32)
+    centres = types[rng.integers(0, len(types), num_clusters)] + 0.8 * noise
     clusters = rng.integers(0, num_clusters, num)
     vectors = np.empty((num, dim), np.float16)
     for start in range(0, num, chunk):
-        part = centres[clusters[start:start + chunk]] + 0.5 * rng.standard_normal((len(clusters[start:start + chunk]),
-                                                                                   dim), dtype=np.float32)
+        part = centres[clusters[start:start + chunk]]
+        part += 0.5 * rng.standard_normal(part.shape, dtype=np.float32)
         part *= spectrum
         vectors[start:start + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
     return vectors, clusters.astype(np.int64)
@@ -180,13 +180,15 @@ def approximate_at(size: int, dim: int, rng, nprobes: list[int], data: str) -> d
     def evaluate(name: str, search: mining.SearchFn, build_s: float, index_bytes: int, **extra):
         search_s, (_, ids) = timed(lambda: search(anchors, K))
         negatives = first_negatives(search(anchors, WALK_K)[1], clusters, anchor_clusters)
-        same = float(np.mean([a == b and len(a) == NUM_NEGATIVES for a, b in zip(negatives, exact_negatives)]))
+        same = float(np.mean([a == b and len(a) == NUM_NEGATIVES
+                              for a, b in zip(negatives, exact_negatives)]))
         row = {"index": name, "build_s": build_s, "index_mb": index_bytes / 2**20, "search_s": search_s,
                "speedup_vs_exact": exact_s / search_s, "recall_at_10": recall(ids, exact_ids, 10),
                "recall_at_64": recall(ids, exact_ids, K), "same_5_negatives": same, **extra}
         rows.append(row)
         print(f"  {name:<34} build {build_s:6.1f} s  {row['index_mb']:8.1f} MB  search {search_s:6.2f} s  "
-              f"R@10 {row['recall_at_10']:.3f}  R@64 {row['recall_at_64']:.3f}  same negatives {same:.3f}", flush=True)
+              f"R@10 {row['recall_at_10']:.3f}  R@64 {row['recall_at_64']:.3f}  same negatives {same:.3f}",
+              flush=True)
 
     quantizer = faiss.IndexFlatIP(dim)
     ivf = faiss.IndexIVFFlat(quantizer, dim, NLIST, faiss.METRIC_INNER_PRODUCT)
@@ -203,12 +205,14 @@ def approximate_at(size: int, dim: int, rng, nprobes: list[int], data: str) -> d
     pq_bytes = faiss.serialize_index(ivfpq).nbytes
     for nprobe in nprobes:
         ivfpq.nprobe = nprobe
-        evaluate(f"IVF{NLIST},PQ{PQ_BYTES} nprobe={nprobe}", index_search(ivfpq), build_s, pq_bytes, nprobe=nprobe)
+        evaluate(f"IVF{NLIST},PQ{PQ_BYTES} nprobe={nprobe}", index_search(ivfpq), build_s, pq_bytes,
+                 nprobe=nprobe)
     ivfpq.nprobe = nprobes[-1]
-    evaluate(f"IVF{NLIST},PQ{PQ_BYTES} nprobe={nprobes[-1]} + re-rank 256", reranked_search(ivfpq, store16, 256),
-             build_s, pq_bytes, nprobe=nprobes[-1], rerank=256)
+    evaluate(f"IVF{NLIST},PQ{PQ_BYTES} nprobe={nprobes[-1]} + re-rank 256",
+             reranked_search(ivfpq, store16, 256), build_s, pq_bytes, nprobe=nprobes[-1], rerank=256)
     return {"pool": size, "exact_search_s": exact_s, "float32_mb": pool.nbytes / 2**20,
-            "float16_mb": store16.nbytes / 2**20, "nlist": NLIST, "train_points": len(sample), "indexes": rows}
+            "float16_mb": store16.nbytes / 2**20, "nlist": NLIST, "train_points": len(sample),
+            "indexes": rows}
 
 
 def bytes_per_epoch(dim: int, pool_size: int, rng, workdir: Path) -> dict:
@@ -217,7 +221,8 @@ def bytes_per_epoch(dim: int, pool_size: int, rng, workdir: Path) -> dict:
     num_images = max(pool_size * 4, 50_000)
     store16, clusters = DATA["structured"](num_images, dim, rng)
     store = write_feature_store(workdir / "store", store16, network="bench", network_sha256="0" * 64,
-                                architecture="bench", image_size=362, scales=[1.0], dataset="bench", split="train")
+                                architecture="bench", image_size=362, scales=[1.0], dataset="bench",
+                                split="train")
     miner = Miner(clusters, str(store.directory), pool_size=pool_size, backend="faiss-cpu")
     anchor_ids = rng.choice(num_images, NUM_ANCHORS, replace=False)
     anchor_vecs, _ = student_anchors(store16[anchor_ids], NUM_ANCHORS, rng)
@@ -231,13 +236,16 @@ def bytes_per_epoch(dim: int, pool_size: int, rng, workdir: Path) -> dict:
     answer = miner.hard_negatives(anchor_ids, anchor_vecs, NUM_NEGATIVES)
     calls["hard_negatives"] = {"sent": size(anchor_ids, anchor_vecs, NUM_NEGATIVES), "received": size(answer)}
     positives = rng.choice(num_images, NUM_ANCHORS)
-    teacher_ids = np.unique(np.concatenate([anchor_ids, positives, answer[0].ravel()]))  # what asym tuples read
+    # the rows Contr+ asym tuples read: anchors (its self term), positives, negatives
+    teacher_ids = np.unique(np.concatenate([anchor_ids, positives, answer[0].ravel()]))
     vectors = miner.teacher_vectors(teacher_ids)
-    calls["teacher_vectors"] = {"sent": size(teacher_ids), "received": size(vectors), "rows": len(teacher_ids)}
+    calls["teacher_vectors"] = {"sent": size(teacher_ids), "received": size(vectors),
+                                "rows": len(teacher_ids)}
     total = sum(c["sent"] + c["received"] for c in calls.values())
     return {"dim": dim, "pool": pool_size, "anchors": NUM_ANCHORS, "negatives": NUM_NEGATIVES, "calls": calls,
             "asym_epoch_mb": total / 2**20,
-            "sym_pool_gather_mb": pool_size * dim * 4 / 2**20}  # sym: the ranks gather the pool's student vectors
+            # sym: the ranks gather the pool's student vectors among themselves
+            "sym_pool_gather_mb": pool_size * dim * 4 / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--large", type=int, default=None, help="the size of part 2 (default 1M; quick 20k)")
     parser.add_argument("--data", choices=sorted(DATA), default="isotropic",
-                        help="part 2's vectors: isotropic (bench_mining's clusters in white noise, the hard case "
-                             "for an index) or structured (scene types, power-law spectrum)")
+                        help="part 2's vectors: isotropic (bench_mining's clusters in white noise, the "
+                             "hard case for an index) or structured (scene types, power-law spectrum)")
     parser.add_argument("--sizes", default=None, help="comma list of part 1's pools ('' skips part 1)")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     args = parser.parse_args(argv)
@@ -260,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     exact, approximate, transfer = [], None, None
     if "1" in parts:
-        print(f"exact search, d={args.dim}, {NUM_ANCHORS} anchors, k={K} (faiss threads: {faiss.omp_get_max_threads()})")
+        print(f"exact search, d={args.dim}, {NUM_ANCHORS} anchors, k={K} "
+              f"(faiss threads: {faiss.omp_get_max_threads()})")
         exact = [exact_at(size, args.dim, rng) for size in sizes]
     if "2" in parts:
         print(f"approximate indexes at {large:,} ({args.data} vectors)")
         approximate = approximate_at(large, args.dim, rng, nprobes, args.data)
-        exact.append({"pool": large, "float16_mb": approximate["float16_mb"], "float32_mb": approximate["float32_mb"],
+        exact.append({"pool": large, "float16_mb": approximate["float16_mb"],
+                      "float32_mb": approximate["float32_mb"],
                       "epoch_search_s": approximate["exact_search_s"],
                       "batch10_ms": 1000 * approximate["exact_search_s"] * 10 / NUM_ANCHORS})
     if "3" in parts:
@@ -275,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"dim": args.dim, "anchors": NUM_ANCHORS, "k": K, "exact": exact, "approximate": approximate,
               "transfer": transfer, "quick": args.quick, "faiss": faiss.__version__, "cpus": os.cpu_count(),
               "python": platform.python_version(),
-              "data": args.data, "command": "python benchmarks/bench_scaling.py " + " ".join(argv or sys.argv[1:])}
+              "data": args.data,
+              "command": "python benchmarks/bench_scaling.py " + " ".join(argv or sys.argv[1:])}
     name = args.data if parts >= {"1", "2", "3"} else f"{args.data}-parts{''.join(sorted(parts))}"
     out = ROOT / "runs" / "bench" / f"scaling-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

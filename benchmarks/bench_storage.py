@@ -51,7 +51,8 @@ BUCKET = "bench"
 
 def start_store(port: int) -> subprocess.Popen:
     """The loopback S3 server in its own process (it must not share this process's GIL)."""
-    server = subprocess.Popen([sys.executable, "-m", "amldist.loopback_s3", "--port", str(port), "--bucket", BUCKET],
+    command = [sys.executable, "-m", "amldist.loopback_s3", "--port", str(port), "--bucket", BUCKET]
+    server = subprocess.Popen(command,
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     server.stdout.readline()  # it prints its variables once the bucket exists

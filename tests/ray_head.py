@@ -99,7 +99,8 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
         # `ray start` returns before the dashboard agent listens, and the job server hands every submission
         # to an agent ("No available agent to submit job" until then): wait for the head to be ready.
         wait_for_port(ports["--dashboard-agent-listen-port"], timeout_s=120)
-        yield Head(f"http://127.0.0.1:{ports['--dashboard-port']}", f"127.0.0.1:{ports['--port']}", env, temp_dir)
+        yield Head(f"http://127.0.0.1:{ports['--dashboard-port']}", f"127.0.0.1:{ports['--port']}", env,
+                   temp_dir)
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -14,7 +14,8 @@ import yaml
 
 from amldist.miner_actor import miner_options
 
-util = pytest.importorskip("ray.autoscaler._private.util")  # prepare_config/validate_config: Ray 2.60 private API
+# prepare_config / validate_config: a private API of Ray 2.60
+util = pytest.importorskip("ray.autoscaler._private.util")
 jsonschema = pytest.importorskip("jsonschema")
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -40,7 +41,8 @@ def test_the_aws_cluster_passes_rays_validation_and_has_the_three_node_types():
     assert trainers["min_workers"] == 0 < trainers["max_workers"]  # scales with demand
     assert types["miner"]["resources"] == {"miner": 1} and types["miner"]["max_workers"] == 1
     # The miner actor asks for exactly the resource this node type offers.
-    assert miner_options({"GPU": 9, **types["miner"]["resources"]}, "miner")["resources"] == types["miner"]["resources"]
+    offered = types["miner"]["resources"]
+    assert miner_options({"GPU": 9, **offered}, "miner")["resources"] == offered
     assert raw["file_mounts"] == {"~/amldist": "."}
     assert any('amldist[gpu]' in command for command in raw["setup_commands"])
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")  # the versions amldist pins
@@ -53,12 +55,14 @@ def test_the_local_pool_passes_rays_validation_and_its_head_offers_the_miner_res
     start = " ".join(raw["head_start_ray_commands"])
     offered = json.loads(re.search(r"--resources='([^']*)'", start).group(1))
     assert miner_options({"GPU": 1, **offered}, "miner")["resources"] == offered == {"miner": 1}
-    assert all("amldist-venv/bin" in c for c in raw["head_start_ray_commands"][1:] + raw["worker_start_ray_commands"][1:])
+    starts = raw["head_start_ray_commands"][1:] + raw["worker_start_ray_commands"][1:]
+    assert all("amldist-venv/bin" in c for c in starts)
     assert any('amldist[gpu]' in command for command in raw["setup_commands"])
 
 
 @pytest.mark.parametrize("break_it, error", [
-    (lambda c: c["available_node_types"]["miner"].__setitem__("resources", {"miner": "one"}), jsonschema.ValidationError),
+    (lambda c: c["available_node_types"]["miner"].__setitem__("resources", {"miner": "one"}),
+     jsonschema.ValidationError),
     (lambda c: c["available_node_types"]["miner"].pop("node_config"), jsonschema.ValidationError),
     (lambda c: c.__setitem__("head_node_type", "nowhere"), ValueError),
 ])

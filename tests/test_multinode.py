@@ -46,7 +46,8 @@ def cluster(monkeypatch):
         miner = nodes.add_node(num_cpus=0, resources={"miner": 1})
         trainers = [nodes.add_node(num_cpus=2), nodes.add_node(num_cpus=2)]
         nodes.wait_for_nodes()
-        ray.init(address=nodes.address, logging_level="ERROR", logging_config=ray.LoggingConfig(log_level="ERROR"))
+        ray.init(address=nodes.address, logging_level="ERROR",
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
         yield nodes, miner, trainers
     finally:
         ray.shutdown()
@@ -91,7 +92,8 @@ def test_placement_on_the_miner_node_and_recovery_from_a_lost_trainer_node(clust
 
     # Kill the node of a train worker once the first checkpoint is in storage (the run is in epoch 1).
     run_dir = tmp_path / "runs" / "multinode"
-    wait_until(lambda: (run_dir / "checkpoint_epoch0001" / CHECKPOINT_FILE).is_file(), 240, "the first checkpoint")
+    first_checkpoint = run_dir / "checkpoint_epoch0001" / CHECKPOINT_FILE
+    wait_until(first_checkpoint.is_file, 240, "the first checkpoint")
     epoch0 = read_metrics(run_dir)[0]
     doomed = next(node for node in trainers if node.node_id == workers[0].node_id)
     nodes.remove_node(doomed, allow_graceful=False)

@@ -70,7 +70,8 @@ def test_inputs_in_the_bucket_are_checked_there(bucket, tmp_path):
 @pytest.mark.timeout(600, method="thread")  # a hard bound: Ray blocks the signal method
 def test_a_run_reads_the_bucket_writes_checkpoints_there_and_resumes(bucket, tmp_path):
     root, s3, cache = bucket
-    first = run_training(remote_config(root, tmp_path, 1), storage="s3://runs/exp", name="s3run", max_failures=0)
+    first = run_training(remote_config(root, tmp_path, 1), storage="s3://runs/exp", name="s3run",
+                         max_failures=0)
     assert first.checkpoint.path == "runs/exp/s3run/checkpoint_epoch0001"  # inside the bucket's filesystem
     keys = s3.keys("runs", "exp/s3run/")
     assert f"exp/s3run/checkpoint_epoch0001/{CHECKPOINT_FILE}" in keys
@@ -80,7 +81,8 @@ def test_a_run_reads_the_bucket_writes_checkpoints_there_and_resumes(bucket, tmp
     assert sum(1 for p in cache.glob(f"*/{node_cache.MARKER}")) == 4  # 2 shard splits + 2 teacher stores
 
     # The same name and storage with one more epoch: Ray finds the run in the bucket and continues it.
-    second = run_training(remote_config(root, tmp_path, 2), storage="s3://runs/exp", name="s3run", max_failures=0)
+    second = run_training(remote_config(root, tmp_path, 2), storage="s3://runs/exp", name="s3run",
+                          max_failures=0)
     assert second.checkpoint.path == "runs/exp/s3run/checkpoint_epoch0002"
     assert [r["epoch"] for r in read_metrics(tmp_path / "s3run")] == [0, 1]  # epoch 0 was not trained again
     with second.checkpoint.as_directory() as folder:

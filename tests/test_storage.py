@@ -38,9 +38,10 @@ def uploaded(s3, tmp_path_factory):
     root = tmp_path_factory.mktemp("storage-root")
     make_test_root(root)
     shard(root)
-    store = write_feature_store(root / "store", np.random.default_rng(0).normal(size=(14, 8)), network="n.pth",
-                                network_sha256="0" * 64, architecture="small_cnn", image_size=32, scales=[1.0],
-                                dataset="roxford5k", split="db")
+    features = np.random.default_rng(0).normal(size=(14, 8))
+    store = write_feature_store(root / "store", features, network="n.pth", network_sha256="0" * 64,
+                                architecture="small_cnn", image_size=32, scales=[1.0], dataset="roxford5k",
+                                split="db")
     files, _ = storage.upload_tree(split_dir(root), "s3://data/shards/db")
     assert files == 4 + 4 + 2  # 4 tars, their 4 part records, index.npy, manifest.json
     storage.upload_tree(store.directory, "s3://data/store")
@@ -70,7 +71,8 @@ def test_ranged_reads_of_single_samples_match_the_local_shards(uploaded):
 
 def test_streaming_whole_shards_from_the_store_yields_every_sample(uploaded):
     local = {i: image.tobytes() for i, image, _ in stream_samples(split_dir(uploaded), split_by_node=False)}
-    remote = {i: image.tobytes() for i, image, _ in stream_samples("s3://data/shards/db", split_by_node=False)}
+    remote = {i: image.tobytes()
+              for i, image, _ in stream_samples("s3://data/shards/db", split_by_node=False)}
     assert sorted(remote) == list(range(14)) and remote == local
 
 
@@ -90,7 +92,8 @@ def test_the_node_cache_is_filled_once_and_checked_against_the_manifest(uploaded
     assert tar.stat().st_mtime_ns == before
 
     # A shard replaced in the store behind its manifest's back: a fresh fill refuses it.
-    s3.client().put_object(Bucket="data", Key="shards/db/db-000001.tar", Body=b"not the shard the manifest names")
+    s3.client().put_object(Bucket="data", Key="shards/db/db-000001.tar",
+                           Body=b"not the shard the manifest names")
     try:
         with pytest.raises(UserError, match="db-000001.tar has 32 bytes, its manifest says"):
             node_cache.cached_copy("s3://data/shards/db", root=cache / "other")

@@ -11,12 +11,12 @@ from amldist.errors import UserError
 
 def register(data_subparsers) -> None:
     parser = add_command(data_subparsers, "upload",
-                         "copy a folder (data root, shards, teacher features) or a file to an s3:// / gs:// URI or "
-                         "path; manifests go last", run)
-    parser.add_argument("source", help="local folder or file, e.g. data/shards or data/train/retrieval-SfM-120k/"
-                                       "retrieval-SfM-120k.pkl")
-    parser.add_argument("target", help="where it goes, e.g. s3://bucket/amldist/data/shards (a folder keeps its "
-                                       "relative paths below it)")
+                         "copy a folder (data root, shards, teacher features) or a file to an s3:// / gs:// "
+                         "URI or path; manifests go last", run)
+    parser.add_argument("source", help="local folder or file, e.g. data/shards or "
+                                       "data/train/retrieval-SfM-120k/retrieval-SfM-120k.pkl")
+    parser.add_argument("target", help="where it goes, e.g. s3://bucket/amldist/data/shards (a folder keeps "
+                                       "its relative paths below it)")
     parser.add_argument("--workers", type=positive_int, default=8, help="files copied at once (default 8)")
 
 
@@ -31,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # pyarrow's errors are OSErrors: no such bucket, access denied, disk full
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot copy {args.source} to {args.target}: {reason}") from None
-    print(f"copied {files} files, {size / 2**20:.1f} MB, to {args.target} in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    print(f"copied {files} files, {size / 2**20:.1f} MB, to {args.target} in {seconds:.1f} s")
     return 0

@@ -76,7 +76,8 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(storage.read_bytes(path))
     except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"no shard manifest in {split_dir} (write shards with `amldist data shards`)") from None
+        raise UserError(f"no shard manifest in {split_dir} (write shards with `amldist data shards`)"
+                        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"unreadable shard manifest {path}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

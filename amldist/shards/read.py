@@ -268,7 +268,8 @@ def _store_tarfile_to_samples(handler):
 
     def stage(src):
         streams = _open_store_shards(src, handler)
-        return tariterators.group_by_keys(tariterators.tar_file_expander(streams, handler=handler), handler=handler)
+        files = tariterators.tar_file_expander(streams, handler=handler)
+        return tariterators.group_by_keys(files, handler=handler)
 
     return stage
 

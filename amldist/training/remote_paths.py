@@ -8,8 +8,9 @@
 
 The checks here only look (a few small requests for the manifests); every node then copies what it
 reads into its own cache (`amldist.node_cache`): the driver the split pkl and the teacher stores (it
-checks them), each worker the split pkl and the shards, the miner the teacher stores. The val teacher store must be in the store
-too: it cannot be computed into a place every node sees, so a missing one names the commands.
+checks them), each worker the split pkl and the shards, the miner the teacher stores. The val teacher
+store must be in the store too: it cannot be computed into a place every node sees, so a missing one
+names the commands.
 """
 
 from __future__ import annotations

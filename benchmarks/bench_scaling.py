@@ -118,8 +118,8 @@ def structured_unit_vectors(num: int, dim: int, rng: np.random.Generator, chunk:
     num_clusters = max(10, num // IMAGES_PER_CLUSTER)
     spectrum = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5)[None]  # (1, D) per-axis scale
     types = rng.standard_normal((max(2, num_clusters // 10), dim)).astype(np.float32)
-    noise = rng.standard_normal((num_clusters, dim), dtype=np.float32)
-    centres = types[rng.integers(0, len(types), num_clusters)] + 0.8 * noise
+    scene_of = rng.integers(0, len(types), num_clusters)  # drawn before the noise: the measured runs' order
+    centres = types[scene_of] + 0.8 * rng.standard_normal((num_clusters, dim), dtype=np.float32)
     clusters = rng.integers(0, num_clusters, num)
     vectors = np.empty((num, dim), np.float16)
     for start in range(0, num, chunk):

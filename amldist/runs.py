@@ -24,11 +24,6 @@ def is_uri(storage: str | Path) -> bool:
     return "://" in str(storage)
 
 
-def storage_path(storage: str | Path) -> str:
-    """Ray Train's `storage_path`: a URI as it is, a local folder made absolute (workers run elsewhere)."""
-    return str(storage) if is_uri(storage) else str(Path(storage).expanduser().resolve())
-
-
 def local_run_dir(out_dir: str, storage: str | Path, name: str) -> Path:
     """Where rank 0 writes model_best, metrics.jsonl and wandb: the Ray run folder for a local storage
     path, else `out_dir/<name>` on rank 0's node (a URI storage holds only Ray's checkpoints)."""

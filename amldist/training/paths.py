@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from amldist import node_cache
 from amldist.config.resolve import TEACHER_FILE_SUFFIXES
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
@@ -83,6 +84,10 @@ def features_command(config, split_dir: Path, out: Path) -> str:
 
 def resolve_paths(config) -> TrainingPaths:
     """Check every input of a run exists; UserError naming the command that creates a missing one."""
+    from amldist.training.remote_paths import resolve_remote_paths, uses_object_store
+
+    if uses_object_store(config):  # URIs: the same layout, checked in the store
+        return resolve_remote_paths(config)
     data = config.data
     db_file = _absolute(layout.train_db_path(data.root, data.dataset))  # workers run in other folders
     if not db_file.is_file():
@@ -171,11 +176,15 @@ def prepare_inputs(config, num_feature_workers: int = 0) -> tuple[TrainingPaths,
     """Check data, shards and teacher stores (computing the val store if needed); fetch ImageNet weights.
     Runs once on the driver, before any trainer starts. Returns the paths and the training split's labels
     (read here anyway; the miner needs them)."""
+    from amldist.training.remote_paths import DRIVER_INPUTS
+
     paths = resolve_paths(config)
-    train_labels, val_labels = read_labels(paths)
-    if paths.train_store is not None:
-        store = check_train_store(config, paths, train_labels.num_images, student_dim(config))
-        ensure_val_store(config, paths, store, val_labels.num_images, num_workers=num_feature_workers)
+    # Inputs in an object store: this node's copies of what the driver reads (workers make their own).
+    local = node_cache.localize(paths, DRIVER_INPUTS)
+    train_labels, val_labels = read_labels(local)
+    if local.train_store is not None:
+        store = check_train_store(config, local, train_labels.num_images, student_dim(config))
+        ensure_val_store(config, local, store, val_labels.num_images, num_workers=num_feature_workers)
     if config.model.pretrained and has_imagenet_weights(config.model.arch):
         imagenet_state_dict(config.model.arch)  # once here, so workers find the weights in the hub cache
     return paths, train_labels

@@ -6,6 +6,7 @@ under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -36,6 +37,24 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# A full disk, a full quota, a file-size limit (RLIMIT_FSIZE): writing again will fail again.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def disk_full_is_fatal(what: str, advice: str) -> Iterator[None]:
+    """A write of `what` that fails for lack of space becomes one UserError line ending with `advice`
+    (a retry would fill the disk again); other errors pass. Files written through `atomic_path` keep
+    their earlier contents."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        raise UserError(f"cannot write {what}: {err.strerror or err}{where}; {advice}") from None
 
 
 def _current_umask() -> int:

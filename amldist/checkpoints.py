@@ -97,9 +97,38 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, *, epoch: int,
         "config": _plain(config),
         "metrics": _plain(metrics),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    _save_atomically(payload, path)
     return Path(path)
+
+
+class _KeptWriteErrors:
+    """A binary file that keeps its write errors: torch's writer reports a failed write as a RuntimeError
+    that no longer says why, and a full disk must stay an OSError (ENOSPC, EFBIG) for its callers."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save_atomically(payload: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file renamed onto `path` (a failure leaves the old file intact)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        writer = _KeptWriteErrors(handle)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[RetrievalNet, dict]:
@@ -129,8 +158,7 @@ def load_network_file(path: str | os.PathLike, map_location: Any = "cpu") -> Ret
 
 def export_network_file(path: str | os.PathLike, model: RetrievalNet) -> Path:
     """Write the plain {'state_dict', 'meta'} form that cirtorch/aml test scripts read."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": model.meta.to_dict()}, tmp)
+    _save_atomically({"state_dict": model.state_dict(), "meta": model.meta.to_dict()}, path)
     return Path(path)
 
 

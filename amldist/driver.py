@@ -6,7 +6,10 @@
 `run_training` checks the inputs (`amldist.training.paths`), computes the teacher's val features if
 they are missing, starts the miner actor when the run needs one (`amldist.miner_actor`: teacher vectors,
 asymmetric hard negatives, random negatives), and fits a `TorchTrainer` with one DDP process per
-worker running `amldist.worker.train_loop_per_worker` on a `WorkerJob`. Ray Tune runs it as a trial:
+worker running `amldist.worker.train_loop_per_worker` on a `WorkerJob`. Ray Train restarts the worker
+group after a failure (`max_failures`), except for an error a restart cannot cure: a `UserError` raised in
+a worker (a corrupt sample, a NaN loss, a full disk) ends the run at once (`StopOnUserError`) and
+`run_training` raises it, one line, as the driver's own `UserError`. Ray Tune runs it as a trial:
 call it from a function trainable with `callbacks=[TuneReportCallback()]` and a per-trial `name`.
 The run folder and the checks before a run starts are `amldist.runs`'.
 """
@@ -21,17 +24,18 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from amldist.config import Config
-from amldist.errors import UserError
+from amldist.errors import UserError, user_message
 from amldist.miner_actor import start_miner
 from amldist.runs import DEFAULT_IMAGE_EVERY, DEFAULT_MAX_FAILURES, local_run_dir
-from amldist.storage import storage_filesystem, storage_filesystem_path
+from amldist.storage import is_uri, join, storage_filesystem, storage_filesystem_path
 from amldist.training.family import RANDOM_NEGATIVES, TEACHER_POOL, tuple_family
 from amldist.training.paths import TrainingPaths, prepare_inputs
 from amldist.training.plan import busiest_rank_tuples, idle_share
+from amldist.wandb_log import append_event
 from amldist.worker import WorkerJob, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ def start_ray(local: bool) -> None:
         os.environ.setdefault(key, value)
     quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR")}
     if local:
-        ray.init(**quiet)
+        ray.init(address="local", **quiet)  # not a cluster someone started on this machine with `ray start`
         return
     try:
         ray.init(address="auto", **quiet)
@@ -61,16 +65,39 @@ def start_ray(local: bool) -> None:
                         "or pass --local") from None
 
 
+class StopOnUserError(UserCallback):
+    """Ray Train retries a failed worker group `max_failures` times, whatever the error, and Ray 2.60 has
+    no public failure policy. This callback runs on the controller when a worker raised: a `UserError`
+    (corrupt data, a NaN loss, a full disk: a restart would fail the same way) is raised again as a
+    `ControllerError`, which the controller's failure policy never retries (it retries only a worker
+    group's errors and its failures to start), so the run ends within one poll of the controller."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank in sorted(worker_exceptions):
+            error = _user_error(worker_exceptions[rank])
+            if error is not None:
+                raise ControllerError(UserError(error))
+
+
+def _user_error(error: Exception) -> str | None:
+    """The one-line message of a UserError a worker raised, else None. Ray Train hands the callback the
+    worker's exception wrapped with its traceback (`UserExceptionWithTraceback._base_exc` in Ray 2.60;
+    tests/test_faults.py fails should that change)."""
+    base = getattr(error, "_base_exc", error)
+    return user_message(base) if isinstance(base, UserError) else None
+
+
 def run_training(config: Config, *, storage: str, name: str, callbacks: list | None = None,
                  wandb: str = "off", resume_from: str | None = None,
                  max_failures: int = DEFAULT_MAX_FAILURES, image_every: int = DEFAULT_IMAGE_EVERY,
-                 fail_at_epoch: int | None = None):
+                 pause_at_epoch: int | None = None):
     """Train one run (a finalized `Config`) on the connected Ray cluster; returns the `ray.train.Result`.
 
     storage: local folder or URI (RunConfig.storage_path); the run lives in `<storage>/<name>`, and a
     re-run with the same storage and name continues it. wandb: off, offline or online (see wandb_log).
-    resume_from: a checkpoint file to start from when the run has none of its own. fail_at_epoch: a test
-    hook, the last rank raises once at that epoch.
+    resume_from: a checkpoint file to start from when the run has none of its own. max_failures: worker
+    group restarts after a failure that is not a UserError. pause_at_epoch: a test hook
+    (`amldist.worker._pause_for_a_kill`). Raises UserError for bad inputs and for a worker's UserError.
     """
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (ray.init) first")
@@ -87,25 +114,47 @@ def run_training(config: Config, *, storage: str, name: str, callbacks: list | N
                             backend=config.mining.backend, **_miner_gpu(config))
     try:
         if miner is not None:
-            ray.get(miner.stats.remote())  # surface a miner that cannot start before the workers wait on it
+            _wait_for_miner(miner)  # surface a miner that cannot start before the workers wait on it
         job = WorkerJob(config=config, paths=paths, miner=miner_name, run_dir=str(run_dir), wandb=wandb,
-                        resume_from=resume_from, image_every=image_every, fail_at_epoch=fail_at_epoch)
+                        resume_from=resume_from, image_every=image_every,
+                        checkpoint_root=join(storage if is_uri(storage) else storage_filesystem_path(storage),
+                                             name),
+                        pause_at_epoch=pause_at_epoch)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=job.to_loop_config(),
             scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu),
-            run_config=RunConfig(name=name, callbacks=callbacks,
+            run_config=RunConfig(name=name, callbacks=[*(callbacks or []), StopOnUserError()],
                                  storage_path=storage_filesystem_path(storage),
                                  storage_filesystem=storage_filesystem(storage),  # endpoint settings of a URI
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                                  logging_config=ray.train.LoggingConfig(log_level="WARNING")))
         started = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ControllerError as err:
+            if not isinstance(err.controller_failure, UserError):
+                raise
+            append_event(run_dir, "stopped", error=str(err.controller_failure))
+            raise UserError(str(err.controller_failure)) from None
+        append_event(run_dir, "finished", epochs_done=(result.return_value or {}).get("epochs_done"))
         log.info("training %s finished in %.1f s", name, time.perf_counter() - started)
         return result
     finally:
         if miner is not None:
             ray.kill(miner)
+
+
+def _wait_for_miner(miner) -> None:
+    """The miner's first answer. It checks its inputs when it starts (the driver checked them before, so
+    this fails only when the miner's node sees other files); its UserError comes back as Ray's text."""
+    try:
+        ray.get(miner.stats.remote())
+    except ray.exceptions.RayActorError as err:
+        last = (str(err).strip().splitlines() or [""])[-1]
+        if last.startswith("amldist.") and ": " in last:
+            raise UserError(f"the miner could not start: {last.partition(': ')[2]}") from None
+        raise
 
 
 def needs_miner(config: Config, paths: TrainingPaths) -> bool:

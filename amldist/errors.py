@@ -9,6 +9,17 @@ class UserError(Exception):
 INTERRUPTED_EXIT = 130
 
 
+def user_message(err: BaseException) -> str:
+    """The one line a UserError shows. torch's DataLoader re-raises an error of one of its worker
+    processes with that worker's traceback as the message; the last line of it is the error's own."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    name, _, rest = last.partition(": ")
+    return rest if rest and name.endswith(type(err).__name__) else last
+
+
 def require(condition: bool, message: str) -> None:
     """Raise a UserError (one line, exit 2) unless `condition` holds."""
     if not condition:

@@ -122,6 +122,10 @@ def _remove_stale_arrays(directory: Path, keep: str) -> None:
             path.unlink(missing_ok=True)
 
 
+class ChecksumMismatch(UserError):
+    """The store's array does not hold what its manifest's checksum says (a damaged file)."""
+
+
 class FeatureStore:
     """An opened store: `features` is a read-only memory map (N, D) float16; rows are read on demand."""
 
@@ -143,8 +147,8 @@ class FeatureStore:
         if not path.is_file():
             raise UserError(f"teacher feature store {directory} lacks its array {manifest['array_file']}")
         if verify and file_sha256(path) != manifest["array_sha256"]:
-            raise UserError(f"teacher features in {path} do not match the checksum in the "
-                            "manifest (corrupt file)")
+            raise ChecksumMismatch(f"teacher features in {path} do not match the checksum in the manifest "
+                                   "(corrupt file)")
         features = _load_array(path, manifest)
         store = cls(directory, manifest, features)
         if expected:

@@ -10,11 +10,14 @@ checkpoints there, and rank 0 writes the rest to `run.out_dir/NAME` on its own n
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from amldist.errors import UserError, require
 from amldist.storage import is_uri, local_path
 from amldist.training.state import CHECKPOINT_FILE, checkpoint_file, load_epochs_done
+
+log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_EVERY = 5   # epochs between records of the fixed anchors' negatives (negatives.jsonl, wandb)
 DEFAULT_MAX_FAILURES = 2  # worker-group restarts after a failure (-1: no limit)
@@ -48,6 +51,20 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime)
 
 
+def newest_readable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint folder of a run whose file loads, and why each newer one does not (a truncated
+    or damaged file, one line each naming it; Ray Train's workers skip them the same way)."""
+    skipped = []
+    for folder in reversed(checkpoint_dirs(run_dir)):
+        try:
+            load_epochs_done(folder / CHECKPOINT_FILE)
+        except UserError as err:
+            skipped.append(str(err))
+            continue
+        return folder, skipped
+    return None, skipped
+
+
 def check_resume(storage: str | Path, name: str, resume: str | None, epochs: int) -> str | None:
     """Refuse to silently continue (or clobber) a run. `resume`: None (a new run), "" (continue the run
     of this name) or a checkpoint to start from. Returns the checkpoint file a new run starts from."""
@@ -67,7 +84,12 @@ def check_resume(storage: str | Path, name: str, resume: str | None, epochs: int
         return None
     if resume == "":
         require(bool(existing), f"nothing to resume: no checkpoints in {run_dir}")
-        last = existing[-1]
+        last, skipped = newest_readable_checkpoint(run_dir)
+        require(last is not None,
+                f"nothing to resume: no checkpoint in {run_dir} loads ({'; '.join(skipped)})")
+        if skipped:
+            log.warning("skipping unreadable checkpoints: %s; the run continues from %s",
+                        "; ".join(skipped), last)
     else:
         require(not existing,
                 f"{run_dir} already holds checkpoints; pass --resume without a path to continue "

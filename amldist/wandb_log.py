@@ -7,7 +7,9 @@ set, else offline. An `online` start that fails (no key, no network) falls back 
 
 The wandb run id is kept in `<run>/wandb-id.txt`, so a resumed training run logs into the same wandb run.
 `metrics.jsonl` holds one JSON object per finished epoch; on resume, lines of epochs that will be trained
-again (after a failure) are dropped first, atomically.
+again (after a failure) are dropped first, atomically. `events.jsonl` keeps what the epochs do not show:
+one line per start of the workers (fresh, or resumed after a failure or a stop, and from which
+checkpoint) and the error that stopped a run; it is never trimmed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("off", "offline", "online", "auto")
 METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
 WANDB_ID_FILE = "wandb-id.txt"
 
 
@@ -44,7 +48,28 @@ def resolve_mode(requested: str | None, enabled_in_config: bool) -> str:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-epoch records of a run folder's metrics.jsonl (empty when there is none)."""
-    path = Path(run_dir) / METRICS_FILE
+    return _read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run folder's events.jsonl (empty when there is none)."""
+    return _read_jsonl(Path(run_dir) / EVENTS_FILE)
+
+
+def append_event(run_dir: str | Path, event: str, **fields: Any) -> None:
+    """One line in `<run_dir>/events.jsonl`: the event, the time, and `fields`."""
+    record = {"event": event, "time": round(time.time(), 3), **json_ready(fields)}
+    _append_line(Path(run_dir) / EVENTS_FILE, record)
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:  # one line per record; a torn last line is skipped by the readers
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
@@ -97,11 +122,7 @@ class RunLog:
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         record = {"epoch": int(epoch), **json_ready(metrics)}
-        # one line per epoch; a torn last line is dropped on resume
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        _append_line(self.metrics_path, record)  # a torn last line is dropped on resume
         if self.run is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))
                        and not isinstance(v, bool)}

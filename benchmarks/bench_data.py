@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="number of images (default 240; quick 24)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds, best kept (default 3; quick 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "data.json",
+                        help="result file (default runs/bench/data.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("AMLDIST_NO_PROGRESS", "1")
     num_images = args.images or (24 if args.quick else 240)
@@ -148,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                   cpus=os.cpu_count(),
                   command="python benchmarks/bench_data.py" + (" --quick" if args.quick else ""))
     print_table(result)
-    out = ROOT / "runs" / "bench" / "data.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed rounds, best kept (default 2; quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader decode workers (both passes)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "extract.json",
+                        help="result file (default runs/bench/extract.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("AMLDIST_NO_PROGRESS", "1")
     args.archs = (args.archs or ("small_cnn" if args.quick else "resnet18,mobilenet_v2")).split(",")
@@ -140,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                   cpus=os.cpu_count(),
                   command="python benchmarks/bench_extract.py" + (" --quick" if args.quick else ""))
     print_table(result)
-    out = ROOT / "runs" / "bench" / "extract.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 

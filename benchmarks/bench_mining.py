@@ -80,19 +80,23 @@ def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count, devic
     _sync(device)
     timings["sort_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    negatives, distance_sum = [], 0.0
+    negatives, distance_sum = [], torch.zeros((), device=device)
     for q in range(len(anchors)):
         used, chosen, r = [int(anchor_clusters[q])], [], 0
         while len(chosen) < count:
-            candidate = ranks[r, q]
+            # cirtorch reads the ranking once per candidate (to index its image list): on a GPU one wait
+            # for the device per candidate, and none more per accepted negative, whose distance it adds up
+            # on the device and reads once at the end
+            candidate = int(ranks[r, q])
             if int(pool_clusters[candidate]) not in used:
-                chosen.append(int(candidate))
+                chosen.append(candidate)
                 used.append(int(pool_clusters[candidate]))
-                distance_sum += float(torch.pow(anchors_t[q] - pool_t[candidate] + 1e-6, 2).sum().sqrt())
+                distance_sum += torch.pow(anchors_t[q] - pool_t[candidate] + 1e-6, 2).sum().sqrt()
             r += 1
         negatives.append(chosen)
+    distance = float(distance_sum) / (len(anchors) * count)
     timings["walk_s"] = time.perf_counter() - started
-    return np.array(negatives), distance_sum / (len(anchors) * count), timings
+    return np.array(negatives), distance, timings
 
 
 def ours(anchors, pool, pool_clusters, anchor_clusters, count, device="cpu"):

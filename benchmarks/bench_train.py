@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; quick 1)")
     parser.add_argument("--steps", type=int, default=1, help="timed optimiser steps per approach and round")
     parser.add_argument("--modes", default="sym,asym", help="comma list of sym, asym (default both)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default runs/bench/train.json; train-cuda.json on a GPU)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -198,10 +200,10 @@ def main() -> None:
                 print(f"  round {round_index + 1}: {mode} {label}: {batch / seconds:.2f} tuples/s",
                       flush=True)
         results[mode] = {label: max(rates) for label, rates in seen.items()}  # best round
-    report(results, device, size, batch, rounds * steps, args.quick, rounds_seen)
+    report(results, device, size, batch, rounds * steps, args.quick, rounds_seen, args.out)
 
 
-def report(results, device, size, batch, rounds, quick, rounds_seen) -> None:
+def report(results, device, size, batch, rounds, quick, rounds_seen, out: Path | None = None) -> None:
     print(f"device {device}, images <= {size} px, {batch} tuples per batch (1 + "
           f"{NUM_POSITIVES} + {NUM_NEGATIVES} images), MobileNetV2 -> {DIM}, "
           f"best of {rounds} timed steps in interleaved rounds")
@@ -224,7 +226,8 @@ def report(results, device, size, batch, rounds, quick, rounds_seen) -> None:
                "speedup": {mode: {label: rate / rates["reference"] for label, rate in rates.items()}
                            for mode, rates in results.items()}}
     parts = ([] if set(results) == {"sym", "asym"} else list(results)) + (["cuda"] if gpu else [])
-    out = OUT.with_name("-".join(["train", *parts]) + ".json")  # train.json, train-cuda.json, train-sym.json
+    out = out or OUT.with_name("-".join(["train", *parts]) + ".json")  # train.json, train-cuda.json, ...
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 

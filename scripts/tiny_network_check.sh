@@ -6,9 +6,11 @@
 # and BatchNorm rule were chosen (docs/TRAINING.md, "The tiny presets").
 #
 #   bash scripts/tiny_network_check.sh [EPOCHS]      # default 8 epochs x 160 tuples; needs data/synth-tiny
+#   TABLE=docs/measurements/MACHINE/tiny-network-check.md bash scripts/tiny_network_check.sh   # keep the table
 set -euo pipefail
 EPOCHS=${1:-8}
 OUT=runs/tiny-check
+TABLE=${TABLE:-$OUT/table.md}
 BIN=${VENV:-.venv}/bin
 ROOT=data/synth-tiny
 test -f "$ROOT/synth.json" || "$BIN/amldist" data synth --preset tiny --root "$ROOT"
@@ -35,7 +37,8 @@ for variant in "${VARIANTS[@]}"; do
       --datasets roxford5k,rparis6k --out "$OUT/$name.eval.json"
   fi
 done
-"$BIN/python" - "$OUT" "${VARIANTS[@]%%:*}" <<'PY'
+mkdir -p "$(dirname "$TABLE")"
+"$BIN/python" - "$OUT" "${VARIANTS[@]%%:*}" <<'PY' | tee "$TABLE"
 import json, sys
 from pathlib import Path
 out, names = Path(sys.argv[1]), sys.argv[2:]

@@ -7,13 +7,17 @@
 `--local` starts a single-node Ray in this process (all CPUs, the GPUs it sees); without it the command
 joins the running cluster (`ray.init(address="auto")`), so `ray job submit -- amldist train ...` works
 unchanged. Config precedence: preset < aml flags < --set < the flags of this command. See docs/TRAINING.md.
+SIGTERM (a scheduler, `ray job stop`) stops a run as Ctrl-C does (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from amldist.cli.common import add_command, non_negative_int, positive_int
@@ -89,22 +93,46 @@ def run(args: argparse.Namespace) -> int:
     from ray.train.v2.api.exceptions import RayTrainError
 
     run_dir = local_run_dir(config.run.out_dir, storage, name)
-    try:
-        result = driver.run_training(config, storage=storage, name=name, wandb=wandb_mode,
-                                     resume_from=resume_from, max_failures=args.max_failures,
-                                     image_every=args.image_every)
-    except (ray.exceptions.RayError, RayTrainError) as err:  # TrainingFailedError is a RayTrainError
-        # a worker's or the miner's error, or Ray Train refusing the run folder: the first cause, one line
-        # (Ray has already logged the remote tracebacks)
-        raise UserError(f"training failed: {_first_cause(err)}") from None
-    except SystemExit:
-        # Ray Train's own Ctrl-C handler aborts the run; the driver's wait for it then ends in SystemExit
-        sys.stderr.write(f"amldist: {interrupted_message(storage, name, run_dir)}\n")
-        return INTERRUPTED_EXIT
-    finally:
-        ray.shutdown()
+    with sigterm_as_ctrl_c() as received:
+        try:
+            result = driver.run_training(config, storage=storage, name=name, wandb=wandb_mode,
+                                         resume_from=resume_from, max_failures=args.max_failures,
+                                         image_every=args.image_every)
+        except (ray.exceptions.RayError, RayTrainError) as err:  # TrainingFailedError is a RayTrainError
+            # a worker's or the miner's error, or Ray Train refusing the run folder: the first cause, one
+            # line (Ray has already logged the remote tracebacks)
+            raise UserError(f"training failed: {_first_cause(err)}") from None
+        except (SystemExit, KeyboardInterrupt):
+            # Ray Train's own Ctrl-C handler aborts the run; the driver's wait for it then ends in SystemExit
+            # (KeyboardInterrupt: stopped before the trainer started)
+            sys.stderr.write(f"amldist: {interrupted_message(storage, name, run_dir)}\n")
+            return 128 + received[-1] if received else INTERRUPTED_EXIT
+        finally:
+            ray.shutdown()
     print_summary(result, run_dir, wandb_mode)
     return 0
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """While training, SIGTERM (a scheduler, `ray job stop`, `kill`) stops the run as Ctrl-C does: Ray
+    Train's SIGINT handler, installed by `fit`, aborts the workers, and the driver then stops the miner
+    and Ray. Without it Python would die at once and leave the local Ray's processes behind. Yields the
+    list of the signals received, for the exit code (128 + signal, as a shell reports it)."""
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _first_cause(err: BaseException) -> str:
@@ -118,6 +146,9 @@ def print_summary(result, run_dir: Path, wandb_mode: str) -> None:
 
     value = result.return_value or {}
     print(f"run folder: {run_dir}")
+    if value.get("skipped_checkpoints"):
+        print(f"note: unreadable checkpoints skipped: {'; '.join(value['skipped_checkpoints'])}; "
+              f"the run went on from {value['resumed_from']}")
     if value.get("best_score") is not None:
         print(f"best {value['best_metric']}: {value['best_score']:.2f} at epoch {value['best_epoch']} "
               f"-> {run_dir / BEST_FILE}")

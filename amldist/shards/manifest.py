@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,36 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if manifest["num_samples"] + manifest["num_skipped"] != manifest["num_images"]:
         return "num_samples + num_skipped differs from num_images"
     return None
+
+
+def rewrite_command(manifest: dict[str, Any], split_dir: str | Path) -> str:
+    """The `amldist data shards` command that rewrote this split: a rerun verifies every shard against
+    its checksum and rewrites the damaged or missing ones (then the upload, for shards in a store)."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    root, dataset, size = source.get("root", "ROOT"), manifest["dataset"], manifest["image_size"]
+    command = (f"amldist data shards --root {root} --dataset {dataset} --image-size {size} "
+               f"--splits {manifest['split']}")
+    default = layout.shards_dir(root, dataset, size)
+    if storage.is_uri(split_dir):
+        store_folder = posixpath.dirname(str(split_dir).rstrip("/"))
+        return f"{command}` and `amldist data upload {default} {store_folder}"
+    folder = Path(split_dir).parent
+    if root == "ROOT" or folder.resolve() != default.resolve():
+        command += f" --out {folder}"
+    return command
+
+
+def check_shard_files(split_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Every shard the manifest lists is there with the size it lists (a missing or truncated shard is
+    found before training starts; a garbled one only when its sample is read). One listing of the
+    folder, also in an object store."""
+    present = storage.list_files(split_dir, recursive=False)
+    for shard in manifest["shards"]:
+        size = present.get(shard["name"])
+        if size is None or ("bytes" in shard and size != shard["bytes"]):
+            what = "is missing" if size is None else f"holds {size} bytes, the manifest says {shard['bytes']}"
+            raise UserError(f"shard {storage.join(split_dir, shard['name'])} {what}; rewrite it with "
+                            f"`{rewrite_command(manifest, split_dir)}`")
 
 
 def find_split_dirs(path: str | Path) -> list[Path]:

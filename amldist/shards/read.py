@@ -145,7 +145,13 @@ class ShardReader:
         with self._lock:
             if shard not in self._fds:
                 path = storage.join(self.split_dir, self.manifest["shards"][shard]["name"])
-                self._fds[shard] = storage.open_ranged(path) if self.remote else os.open(path, os.O_RDONLY)
+                try:
+                    self._fds[shard] = (storage.open_ranged(path) if self.remote
+                                        else os.open(path, os.O_RDONLY))
+                except FileNotFoundError:
+                    command = mf.rewrite_command(self.manifest, self.split_dir)
+                    raise CorruptSampleError(f"shard {path} is missing; rewrite it with `{command}`"
+                                             ) from None
             return self._fds[shard]
 
     def _pread(self, shard: int, size: int, offset: int) -> bytes:
@@ -164,11 +170,14 @@ class ShardReader:
         return data
 
     def _corrupt(self, index: int, member: str, err: BaseException) -> CorruptSampleError:
-        """Count and log a corrupt member; returns the error for the caller to raise."""
+        """Count a corrupt member; returns the error (naming the shard file and the command that rewrites
+        it) for the caller to raise."""
         self.num_corrupt += 1
-        logger.warning("corrupt sample %d (%s) in %s: %s", index, member, self.split_dir, err)
-        return CorruptSampleError(f"sample {index} in {self.split_dir} is corrupt ({member}: {err}); "
-                                  "rerun `amldist data shards` to rewrite it")
+        shard = self.manifest["shards"][int(self._row(index)[mf.COLUMN["shard"]])]["name"]
+        reason = str(err).split(" <_io.")[0]  # PIL names the in-memory buffer it read
+        command = mf.rewrite_command(self.manifest, self.split_dir)
+        return CorruptSampleError(f"sample {index} in shard {storage.join(self.split_dir, shard)} is corrupt "
+                                  f"({member}: {reason}); rewrite it with `{command}`")
 
     def read_bytes(self, index: int) -> bytes:
         """The stored JPEG bytes of a dataset index (KeyError when absent)."""

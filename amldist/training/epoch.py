@@ -16,6 +16,9 @@ Per epoch, on every rank:
 4. train: per step, load the rank's images (DataLoader workers), forward, loss, backward; the
    optimiser steps every `update_every` steps;
 5. validate every `val_freq` epochs (the val images are split over the ranks, rank 0 scores).
+
+A step whose loss is NaN or infinite stops the epoch with `NonFiniteLoss` (`FiniteLosses`), before
+anything of that epoch is validated or saved.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 
 from amldist import mining, search
 from amldist.config import build_loss_from_config
+from amldist.errors import UserError
 from amldist.extract import embed
 from amldist.miner_actor import MinerClient
 from amldist.nets import create_net
@@ -64,6 +68,46 @@ NUM_PROBES = 4          # anchors in the hard-negative grid
 EVAL_BATCH = 32         # images per forward when embedding for mining and validation
 BN_CALIBRATION_IMAGES = 256  # training images that set a from-scratch student's BatchNorm statistics
 BN_CALIBRATION_STREAM = 7
+
+
+class NonFiniteLoss(UserError):
+    """A step's loss was NaN or infinite: the weights it updates can no longer be trusted."""
+
+    def __init__(self, epoch: int, step: int, num_steps: int, value: float, rank: int = 0):
+        super().__init__(epoch, step, num_steps, value, rank)  # the args rebuild it when pickled
+        self.epoch, self.step, self.num_steps, self.value, self.rank = epoch, step, num_steps, value, rank
+
+    def __str__(self) -> str:
+        return (f"the loss became {self.value} at epoch {self.epoch}, step {self.step + 1} of "
+                f"{self.num_steps} (rank {self.rank})")
+
+
+class FiniteLosses:
+    """Checks every step's losses (b,) and raises `NonFiniteLoss` at the first that is not finite.
+
+    On a CPU it reads a step's losses before the optimiser uses its gradients (`lag` 0). On a GPU
+    (`lag` 1) it reads the step before the last: reading the last one would make the host wait for the
+    device at every step (the step itself never waits, see `amldist.transfer`), and the check would
+    only save the weights in memory, which a failed epoch never saves anyway.
+    """
+
+    def __init__(self, epoch: int, num_steps: int, rank: int, lag: int):
+        self.epoch, self.num_steps, self.rank, self.lag = epoch, num_steps, rank, lag
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, losses: torch.Tensor) -> None:
+        self._pending.append((step, losses))
+        while len(self._pending) > self.lag:
+            self._check(*self._pending.pop(0))
+
+    def flush(self) -> None:
+        while self._pending:
+            self._check(*self._pending.pop(0))
+
+    def _check(self, step: int, losses: torch.Tensor) -> None:
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            raise NonFiniteLoss(self.epoch, step, self.num_steps, float(losses[~finite][0]), self.rank)
 
 
 @dataclass
@@ -112,6 +156,7 @@ class Trainer:
         self.loss_fn = build_loss_from_config(config)
         self.val_set = ValidationSet.from_labels(self.val_labels)
         self._val_teacher: np.ndarray | None = None
+        self.after_step: Callable[[int, int], None] | None = None  # called with (epoch, step) after each step
 
     def _calibrate_batchnorm(self) -> None:
         """BatchNorm statistics of a from-scratch student, from the same training images on every rank."""
@@ -205,13 +250,14 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
-    def train_steps(self, steps: list[StepTuples], teacher: VectorTable | None,
+    def train_steps(self, epoch: int, steps: list[StepTuples], teacher: VectorTable | None,
                     progress: Progress) -> np.ndarray:
         """Train on the rank's steps; returns every tuple loss (n,)."""
         set_train_mode(self.net, self.freeze_batchnorm)  # after any eval-mode embedding
         every = self.config.optim.update_every
         loader = step_loader(self.images, [self.family.student_image_ids(st) for st in steps],
                              self.config.data.workers, pin_memory=self.device.type == "cuda")
+        finite = FiniteLosses(epoch, len(steps), self.rank, lag=1 if self.device.type == "cuda" else 0)
         losses = []
         for index, (tuples, images) in enumerate(zip(steps, loader)):
             updates = (index + 1) % every == 0 or index == len(steps) - 1
@@ -220,10 +266,14 @@ class Trainer:
                 # on the device: read once, after the epoch
                 losses.append(loss_and_backward(self.model, self.loss_fn, self.family, tuples, images,
                                                 teacher, self.settings))
+            finite.add(index, losses[-1])
             if updates:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 progress.global_step += 1
+            if self.after_step is not None:
+                self.after_step(epoch, index)
+        finite.flush()
         return torch.cat(losses).cpu().numpy() if losses else np.zeros(0, np.float32)
 
     # ------------------------------------------------------------ validation
@@ -266,7 +316,7 @@ class Trainer:
         teacher = self.teacher_table(steps)
         timings["mining_s"] = time.perf_counter() - started
         train_started = time.perf_counter()
-        losses = self.train_steps(steps, teacher, progress)
+        losses = self.train_steps(epoch, steps, teacher, progress)
         timings["train_s"] = time.perf_counter() - train_started
         metrics = self._epoch_metrics(losses, distance, lr, timings)
         if cfg.run.val_freq and (epoch + 1) % cfg.run.val_freq == 0:

@@ -12,6 +12,7 @@ Inputs (docs/ARCHITECTURE.md layout):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from amldist import node_cache
 from amldist.config.resolve import TEACHER_FILE_SUFFIXES
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
-from amldist.feature_store import FeatureStore, file_sha256
+from amldist.feature_store import ChecksumMismatch, FeatureStore, file_sha256
 from amldist.nets import OUTPUT_CHANNELS, TEACHERS, has_imagenet_weights, imagenet_state_dict
+from amldist.shards.manifest import check_shard_files, read_manifest
 from amldist.training.plan import SplitLabels
 
 log = logging.getLogger(__name__)
@@ -99,15 +101,18 @@ def resolve_paths(config) -> TrainingPaths:
             raise UserError(f"no {split} shards in {shards / split}; write them with "
                             f"`{shards_command(config)}`")
     root, shards = str(_absolute(Path(data.root))), _absolute(shards)
-    if config.model.teacher is None:
-        return TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"))
-    train_store = Path(data.teacher_features) if data.teacher_features else default_store_dir(config)
-    if not (train_store / "manifest.json").is_file():
-        raise UserError(f"no teacher features in {train_store}; compute them with "
-                        f"`{features_command(config, shard_root(config) / 'train', train_store)}`")
-    train_store = _absolute(train_store)
-    return TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"),
-                         str(train_store), str(val_store_dir(train_store)))
+    paths = TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"))
+    if config.model.teacher is not None:
+        train_store = Path(data.teacher_features) if data.teacher_features else default_store_dir(config)
+        if not (train_store / "manifest.json").is_file():
+            raise UserError(f"no teacher features in {train_store}; compute them with "
+                            f"`{features_command(config, shard_root(config) / 'train', train_store)}`")
+        train_store = _absolute(train_store)
+        paths = dataclasses.replace(paths, train_store=str(train_store),
+                                    val_store=str(val_store_dir(train_store)))
+    for split in (paths.train_shards, paths.val_shards):  # a missing shard: found now, not mid-epoch
+        check_shard_files(split, read_manifest(split))
+    return paths
 
 
 def _absolute(path: Path) -> Path:
@@ -133,9 +138,13 @@ def store_expectations(config, split: str, count: int) -> dict:
 
 
 def check_train_store(config, paths: TrainingPaths, num_images: int, student_dim: int) -> FeatureStore:
-    """Open the train store, require it to match this split and teacher, and its d to be the student's."""
-    store = FeatureStore.open(paths.train_store, expected=store_expectations(config, "train", num_images),
-                              verify=False)
+    """Open the train store, require its checksum to hold, it to match this split and teacher, and its d to
+    be the student's. (One read of the array, before any worker starts.)"""
+    try:
+        store = FeatureStore.open(paths.train_store, expected=store_expectations(config, "train", num_images))
+    except ChecksumMismatch as err:
+        command = features_command(config, Path(paths.train_shards), Path(paths.train_store))
+        raise UserError(f"{err}; recompute them with `{command} --force`") from None
     if store.dim != student_dim:
         raise UserError(f"the teacher features in {paths.train_store} have d={store.dim}, the student's "
                         f"descriptors d={student_dim}; set model.projection_dim={store.dim}")
@@ -148,8 +157,8 @@ def ensure_val_store(config, paths: TrainingPaths, train_store: FeatureStore, nu
     expected = {**store_expectations(config, "val", num_images),
                 "network_sha256": train_store.manifest["network_sha256"]}
     if (Path(paths.val_store) / "manifest.json").is_file():
-        try:
-            return FeatureStore.open(paths.val_store, expected=expected, verify=False)
+        try:  # a damaged or stale val store is the driver's own to recompute
+            return FeatureStore.open(paths.val_store, expected=expected)
         except UserError as err:
             log.info("recomputing the val teacher features: %s", err)
     teacher_file = Path(config.model.teacher).expanduser()

@@ -1,7 +1,6 @@
 """Teacher feature store: round trip, memory map, refusal of a mismatched or corrupt store, atomic writes."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -267,7 +266,8 @@ def test_cli_recomputes_a_damaged_store_of_its_own(teacher_split, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
-def test_cli_unwritable_out_fails_before_embedding(teacher_split, tmp_path, capsys, monkeypatch, case):
+def test_cli_unwritable_out_fails_before_embedding(teacher_split, tmp_path, capsys, monkeypatch,
+                                                   read_only_dir, case):
     from amldist import teacher_features
 
     split, network = teacher_split
@@ -275,15 +275,11 @@ def test_cli_unwritable_out_fails_before_embedding(teacher_split, tmp_path, caps
                         lambda *a, **k: pytest.fail("embedded before checking --out"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    read_only = tmp_path / "read-only"
-    read_only.mkdir(mode=0o555)
-    if case == "read-only" and os.access(read_only, os.W_OK):
-        pytest.skip("running as root: a read-only folder is still writable")
-    out = {"a file": blocker, "under a file": blocker / "out", "read-only": read_only / "out"}[case]
+    out = {"a file": blocker, "under a file": blocker / "out", "read-only": read_only_dir / "out"}[case]
     argv = ["features", "--network", str(network), "--shards", str(split), "--out", str(out)]
     assert run_cli(argv) == 2
     assert str(out) in one_line_error(capsys)
-    assert blocker.read_text() == "not a folder"
+    assert blocker.read_text() == "not a folder" and list(read_only_dir.iterdir()) == []
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda"])

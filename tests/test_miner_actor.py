@@ -1,9 +1,11 @@
 """The miner: placement options (no Ray), the plain Miner against the library rules, and the typed client
-over the Ray actor answering like the plain miner, found by name, and surviving a kill with the same
-answers."""
+over the Ray actor answering like the plain miner, found by name, surviving a kill between calls and in
+the middle of one with the same answers, and a soak of concurrent clients."""
 
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -117,7 +119,8 @@ def test_plain_miner_restores_its_epoch_from_state_dir(case, tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, resources={"miner": 1}, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, resources={"miner": 1}, include_dashboard=False,
+             logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -161,6 +164,106 @@ def test_the_client_over_the_actor_answers_like_the_plain_miner_and_survives_a_k
     assert again[1] == pytest.approx(mined[1])
     np.testing.assert_array_equal(client.random_negatives(case["anchor_ids"], 5, mining.RANDOM_CLUSTERS, 3),
                                   drawn)
+    ray.kill(actor, no_restart=True)
+
+
+def test_a_miner_killed_in_the_middle_of_mining_restarts_and_the_call_is_retried(case, ray_session, tmp_path):
+    """The call in flight when the process dies is run again by the restarted miner (max_task_retries), which
+    has reloaded its stores and the epoch from state_dir: the epoch's mining is retried, not skipped."""
+    marker = tmp_path / "mining.pid"
+
+    class LingeringMiner(Miner):
+        """The real miner, whose first hard-negative search says where it runs and lingers there."""
+
+        def hard_negatives(self, *args):
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                time.sleep(300)
+            return super().hard_negatives(*args)
+
+    options = miner_options(ray.cluster_resources(), "lingering-miner")  # the restart policy of start_miner
+    actor = ray.remote(LingeringMiner).options(**options).remote(
+        case["clusters"], case["store"], case["val_store"], POOL, str(tmp_path / "state"), "faiss-cpu")
+    client = MinerClient.connect("lingering-miner")
+    plain = Miner(case["clusters"], case["store"], pool_size=POOL)
+    client.new_epoch(6, 3)
+    plain.new_epoch(6, 3)
+    with ThreadPoolExecutor(1) as pool:
+        mining = pool.submit(client.hard_negatives, case["anchor_ids"], case["anchor_vecs"], 5)
+        deadline = time.monotonic() + 300
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = int(marker.read_text())
+        os.kill(killed, signal.SIGKILL)
+        negatives, distance = mining.result(timeout=300)
+    want = plain.hard_negatives(case["anchor_ids"], case["anchor_vecs"], 5)
+    np.testing.assert_array_equal(negatives, want[0])
+    assert distance == pytest.approx(want[1])
+    stats = client.stats()
+    assert stats["pid"] != killed and stats["restored"] and stats["epoch"] == 6
+    assert stats["mine_calls"] == 1  # the retried call, run once by the new process
+    ray.kill(actor, no_restart=True)
+
+
+@ray.remote(num_cpus=0)
+class SoakClient:
+    """A training worker's side of the miner: random requests, each answer checked against a plain Miner."""
+
+    def __init__(self, name, case, seed):
+        self.miner = MinerClient.connect(name)
+        self.case = case
+        self.reference = Miner(case["clusters"], case["store"], case["val_store"], pool_size=POOL,
+                               backend="faiss-cpu")
+        self.reference.new_epoch(4, 11)
+        self.rng = np.random.default_rng(seed)
+
+    def run(self, seconds):
+        calls, anchors, wrong = {"epoch": 0, "hard": 0, "random": 0, "vectors": 0}, 0, []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            kind = ("epoch", "hard", "random", "vectors")[int(self.rng.integers(4))]
+            size = int(self.rng.integers(1, 40))
+            ids = self.rng.choice(len(self.case["clusters"]), size=size, replace=False)
+            if kind == "epoch":  # every rank starts every epoch: the same (epoch, seed) again
+                same = np.array_equal(self.miner.new_epoch(4, 11), self.reference.pool_ids)
+            elif kind == "hard":
+                noise = self.rng.integers(-30, 30, size=(len(ids), DIM)).astype(np.float32)
+                vecs = self.case["teacher"][ids] + noise
+                got = self.miner.hard_negatives(ids, vecs, 5)
+                want = self.reference.hard_negatives(ids, vecs, 5)
+                same = np.array_equal(got[0], want[0]) and np.isclose(got[1], want[1])
+                anchors += len(ids)
+            elif kind == "random":
+                key = int(self.rng.integers(1000))
+                same = np.array_equal(self.miner.random_negatives(ids, 4, mining.RANDOM_CLUSTERS, key),
+                                      self.reference.random_negatives(ids, 4, mining.RANDOM_CLUSTERS, key))
+            else:
+                split = ("train", "val")[int(self.rng.integers(2))]
+                ids = ids[ids < 50] if split == "val" else ids
+                same = np.array_equal(self.miner.teacher_vectors(ids, split),
+                                      self.reference.teacher_vectors(ids, split))
+            calls[kind] += 1
+            if not same:
+                wrong.append((kind, ids.tolist()))
+        return calls, anchors, wrong
+
+
+@pytest.mark.slow
+def test_a_soak_of_concurrent_clients_gets_every_answer_once_and_right(case, ray_session):
+    from amldist.miner_actor import start_miner
+
+    actor = start_miner(case["clusters"], case["store"], case["val_store"], name="soak-miner", pool_size=POOL,
+                        backend="faiss-cpu")
+    MinerClient.connect("soak-miner").new_epoch(4, 11)
+    clients = [SoakClient.remote("soak-miner", case, seed) for seed in range(3)]
+    results = ray.get([client.run.remote(8.0) for client in clients], timeout=600)  # none lost: all come back
+    assert all(wrong == [] and sum(calls.values()) > 0 for calls, _, wrong in results), results
+    assert all(sum(calls[kind] for calls, _, _ in results) > 0 for kind in results[0][0])  # every kind asked
+    stats = MinerClient.connect("soak-miner").stats()
+    assert stats["mine_calls"] == sum(calls["hard"] for calls, _, _ in results)  # none run twice
+    assert stats["anchors_mined"] == sum(anchors for _, anchors, _ in results)
+    for client in clients:
+        ray.kill(client)
     ray.kill(actor, no_restart=True)
 
 

@@ -444,20 +444,14 @@ def test_cli_unwritable_out_fails_before_any_work(test_root, monkeypatch):
     assert not (out / "db" / mf.MANIFEST_NAME).exists()
 
 
-def test_cli_read_only_out_fails_before_any_work(test_root, monkeypatch):
+def test_cli_read_only_out_fails_before_any_work(test_root, monkeypatch, read_only_dir):
     from amldist.shards import write
 
     monkeypatch.setattr(write, "probe_image", lambda *args: pytest.fail("probed before checking the output"))
-    read_only = test_root / "read-only"
-    read_only.mkdir()
-    read_only.chmod(0o555)
-    try:
-        if os.access(read_only, os.W_OK):
-            pytest.skip("running as root: a read-only folder is still writable")
-        code, err = run_cli(shards_argv(test_root, read_only / "out"))
-        assert code == 2 and err.count("\n") == 1 and "cannot write" in err, err
-    finally:
-        read_only.chmod(0o755)
+    code, err = run_cli(shards_argv(test_root, read_only_dir / "out"))
+    assert code == 2 and err.count("\n") == 1 and "cannot write" in err, err
+    assert str(read_only_dir / "out") in err
+    assert list(read_only_dir.iterdir()) == []
 
 
 def damage(folder: Path, how: str) -> None:

@@ -1,5 +1,6 @@
 """The training step: gradients equal the reference's one-image-at-a-time sum (also split over ranks as DDP
-averages them), asym sends only anchors through the student, BatchNorm statistics stay frozen."""
+averages them, and inside DDP over gloo in two processes), asym sends only anchors through the student,
+BatchNorm statistics stay frozen."""
 
 import numpy as np
 import pytest
@@ -93,6 +94,57 @@ def test_batched_step_and_its_ddp_split_equal_the_reference_sum(images, tuples, 
     for w, s, d in zip(want, single, ddp):
         torch.testing.assert_close(s, w, atol=1e-5 * scale, rtol=1e-4)
         torch.testing.assert_close(d, w, atol=1e-5 * scale, rtol=1e-4)
+
+
+def ddp_rank(rank, port, part, images, folder):
+    """One of two processes: the step on this rank's tuples inside DistributedDataParallel over gloo."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        spec = LabelledTuples(asym=False, num_positives=1, num_negatives=2, use_self=False, mining="hard")
+        net = frozen_net()
+        model = torch.nn.parallel.DistributedDataParallel(TupleEmbedder(net))
+        settings = StepSettings.for_device(torch.device("cpu"), world_size=2, global_batch=2 * len(part))
+        losses = loss_and_backward(model, build_loss("contrastive", margin=0.5), spec, part,
+                                   images_of(spec, part, images), None, settings)
+        torch.save({"grads": grads(net), "losses": losses}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_step_inside_ddp_over_gloo_with_two_processes_averages_to_the_reference(images, tuples, tmp_path):
+    """Two real processes, two tuples each: DDP's all-reduce gives both the one-process reference's
+    gradients."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    want = reference_gradients(frozen_net(), build_loss("contrastive", margin=0.5), tuples, images)
+    parts = [take(tuples, [0, 1]), take(tuples, [2, 3])]
+    spawn = mp.get_context("spawn")
+    processes = [spawn.Process(target=ddp_rank, args=(rank, port, parts[rank], images, str(tmp_path)))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert [len(r["losses"]) for r in ranks] == [2, 2]
+    scale = max(float(g.abs().max()) for g in want)
+    for w, g0, g1 in zip(want, ranks[0]["grads"], ranks[1]["grads"]):
+        torch.testing.assert_close(g0, g1, atol=0, rtol=0)  # every rank holds the same averaged gradient
+        torch.testing.assert_close(g0, w, atol=1e-5 * scale, rtol=1e-4)
+    # Without the all-reduce rank 0 would hold twice its own tuples' gradient (loss scale: the world size).
+    own = reference_gradients(frozen_net(), build_loss("contrastive", margin=0.5), parts[0], images)
+    assert any(not torch.allclose(g, 2 * o, atol=1e-5 * scale, rtol=1e-4)
+               for g, o in zip(ranks[0]["grads"], own))
 
 
 def test_mean_reduction_divides_by_the_global_batch():

@@ -42,14 +42,15 @@ def shard_folder(root):
     return root / "shards" / f"retrieval-SfM-120k-{IMAGE_SIZE}"
 
 
-def make_config(root, loss, epochs=4, **run):
+def make_config(root, loss, epochs=4, mining=None, data=None, **run):
+    """The tests' run config; `mining` and `data` update those sections, `run` keys the run section."""
     loss_section = {"name": loss}
     if loss.startswith("contr"):
         loss_section["asym"] = loss == "contrastive_plus"
     return config_from_dict({
-        "data": {"root": str(root), "image_size": IMAGE_SIZE, "workers": 0},
+        "data": {"root": str(root), "image_size": IMAGE_SIZE, "workers": 0, **(data or {})},
         "model": {"arch": "small_cnn", "pretrained": False, "teacher": str(root / "teacher.pth")},
         "loss": loss_section,
-        "mining": {"num_negatives": 3, "queries_per_epoch": 60, "pool_size": 60},
+        "mining": {"num_negatives": 3, "queries_per_epoch": 60, "pool_size": 60, **(mining or {})},
         "optim": {"optimizer": "adam", "lr": 1e-3},
         "run": {"epochs": epochs, "batch_size": 10, "num_workers": 2, **run}})

@@ -84,14 +84,16 @@ def reference_mining(anchors, pool, pool_clusters, anchor_clusters, count, devic
     for q in range(len(anchors)):
         used, chosen, r = [int(anchor_clusters[q])], [], 0
         while len(chosen) < count:
-            # cirtorch reads the ranking once per candidate (to index its image list): on a GPU one wait
-            # for the device per candidate, and none more per accepted negative, whose distance it adds up
-            # on the device and reads once at the end
-            candidate = int(ranks[r, q])
+            # The host reads of cirtorch's walk, on a GPU one wait for the device each: the candidate's
+            # rank, once per candidate (it indexes the image list with it), and once more per accepted
+            # negative, whose pool vector it selects with that rank still on the device (indexing by a
+            # one-element device tensor reads its value); the distances add up on the device
+            rank = ranks[r, q]
+            candidate = int(rank)
             if int(pool_clusters[candidate]) not in used:
                 chosen.append(candidate)
                 used.append(int(pool_clusters[candidate]))
-                distance_sum += torch.pow(anchors_t[q] - pool_t[candidate] + 1e-6, 2).sum().sqrt()
+                distance_sum += torch.pow(anchors_t[q] - pool_t[rank] + 1e-6, 2).sum().sqrt()
             r += 1
         negatives.append(chosen)
     distance = float(distance_sum) / (len(anchors) * count)

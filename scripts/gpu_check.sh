@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check in one call, for a lent GPU machine: the GPU tests, the training-step, mining and
-# extraction benchmarks on the GPU, and a short training run of the tiny asym Contr+ student through the
-# one-process trainer (NCCL group, bf16, torch-cuda miner). Such a machine has torch but no Ray, faiss,
-# wandb or webdataset, so each check needs only torch, numpy, Pillow, tqdm and this repo.
+# Every GPU check in one call, for a lent GPU machine: the GPU tests (the faiss-gpu index too, when faiss
+# with GPU support is there or brought in .whl/), the training-step, mining and extraction benchmarks on
+# the GPU, and a short training run of the tiny asym Contr+ student through the one-process trainer (NCCL
+# group, bf16, torch-cuda miner). Such a machine has torch but no Ray, wandb or webdataset, which no check
+# needs; the GPU tests and the mining benchmark import faiss (amldist.search), so where faiss is missing
+# bring its wheels in .whl/ (see "faiss with GPU support" below).
 #
 #   bash scripts/gpu_check.sh [PART ...]   # parts: tests step run mining extract (default: all)
 #
@@ -27,8 +29,22 @@ run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run "$PY" -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
 
 if want tests; then
+step "faiss with GPU support"
+# The lent machine has no faiss and no internet. Wheels brought along in .whl/ (gitignored; name it in the
+# device tool's carry) are installed beside this run, e.g. from a machine with a package index:
+#   pip download --no-deps --only-binary :all: --python-version 3.11 -d .whl faiss-gpu-cu12
+# With faiss-gpu installed the faiss-gpu test must run (AMLDIST_REQUIRE_FAISS_GPU=1); without it that test
+# is skipped and the log says the path was not tested. (faiss-gpu-cu12 needs CUDA 12's cuBLAS and runtime.)
+FAISS_SITE=${TMPDIR:-/tmp}/amldist-faiss-site
+if ls .whl/faiss*.whl >/dev/null 2>&1; then
+    run "$PY" -m pip install -q --no-deps --no-index --target "$FAISS_SITE" .whl/faiss*.whl
+    export PYTHONPATH="$FAISS_SITE:$PYTHONPATH" AMLDIST_REQUIRE_FAISS_GPU=1
+fi
+run "$PY" -c "from amldist.search import faiss_gpu_available as a; print('faiss-gpu usable:', a())" \
+    || echo "faiss-gpu path NOT tested: faiss does not import here" | tee -a "$LOG"
 step "GPU tests"
-AMLDIST_TEST_GPU=1 run timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_mining.py
+AMLDIST_TEST_GPU=1 run timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu.py \
+    tests/test_mining.py
 fi
 
 if want step; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -315,6 +316,7 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
 
     settings = demo_settings("micro", data_root=tmp_path / "data", runs_dir=tmp_path / "runs",
                              report_dir=tmp_path / "report")
+    settings = dataclasses.replace(settings, max_failures=0)  # no retry may hide a failed run
     lines: list[str] = []
 
     def echo(line: str) -> None:

@@ -257,7 +257,8 @@ sys.exit(main(sys.argv[2:]))
 
 def start_training(config, storage, pause_at_epoch=None, *extra):
     command = [sys.executable, "-c", LAUNCH, "-" if pause_at_epoch is None else str(pause_at_epoch), "train",
-               "--config", str(config), "--local", "--storage", str(storage), "--name", "sig", *extra]
+               "--config", str(config), "--local", "--storage", str(storage), "--name", "sig",
+               "--max-failures", "0", *extra]
     return subprocess.Popen(command, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

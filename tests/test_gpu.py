@@ -220,3 +220,26 @@ def test_the_miner_on_gpu_backends_gives_the_cpu_answers(tmp_path):
     for backend in gpu_backends:
         np.testing.assert_array_equal(answers[backend][0], answers["faiss-cpu"][0])
         assert answers[backend][1] == pytest.approx(answers["faiss-cpu"][1], rel=1e-4)
+
+
+def test_the_faiss_gpu_index_answers_like_faiss_on_the_cpu():
+    """The faiss-gpu back-end (a flat index on the GPU, the CPU beyond its k limit) against faiss-cpu.
+    Skipped where faiss has no GPU support, unless AMLDIST_REQUIRE_FAISS_GPU=1 (scripts/gpu_check.sh sets
+    it when it installed faiss-gpu): then its absence fails."""
+    from amldist import search
+
+    if not search.faiss_gpu_available():
+        if os.environ.get("AMLDIST_REQUIRE_FAISS_GPU") == "1":
+            pytest.fail("AMLDIST_REQUIRE_FAISS_GPU=1, yet faiss has no GPU support or sees no GPU here")
+        pytest.skip("faiss has no GPU support here: the faiss-gpu path is NOT tested")
+    assert search.choose_backend("auto") == "faiss-gpu"
+    rng = np.random.default_rng(1)
+    db = rng.integers(-8, 9, (search.GPU_MAX_K + 500, 32)).astype(np.float32)  # integers: exact scores
+    queries = rng.integers(-8, 9, (50, 32)).astype(np.float32)
+    on_gpu, on_cpu = search.searcher(db, "faiss-gpu"), search.searcher(db, "faiss-cpu")
+    for k in (10, search.GPU_MAX_K + 100):  # beyond faiss's GPU limit the CPU answers
+        gpu_scores, gpu_ids = on_gpu(queries, k)
+        np.testing.assert_array_equal(gpu_scores, on_cpu(queries, k)[0])
+        assert all(len(set(row)) == k for row in gpu_ids.tolist())
+        # ties may come in another order: each id's score is what it should be
+        np.testing.assert_array_equal(np.take_along_axis(queries @ db.T, gpu_ids, axis=1), gpu_scores)

@@ -47,7 +47,8 @@ def test_ray_job_submit_runs_amldist_train_unchanged(tmp_path):
         submit = subprocess.run(
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard,
              "--working-dir", ".", "--submission-id", "amldist-job-test", "--no-wait", "--",
-             "amldist", "train", "--config", str(config), "--storage", str(storage), "--name", "jobrun"],
+             "amldist", "train", "--config", str(config), "--storage", str(storage), "--name", "jobrun",
+             "--max-failures", "0"],
             check=False, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "amldist-job-test" in submit.stdout

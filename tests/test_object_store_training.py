@@ -8,7 +8,7 @@ import dataclasses
 import os
 
 import pytest
-from train_data import make_config, make_train_data
+from train_data import make_config, make_train_data, shard_folder
 
 from amldist import node_cache, storage
 from amldist.checkpoints import safe_torch_load
@@ -65,6 +65,14 @@ def test_inputs_in_the_bucket_are_checked_there(bucket, tmp_path):
     missing = dataclasses.replace(config, data=dataclasses.replace(config.data, root="s3://data/elsewhere"))
     with pytest.raises(UserError, match="no training split file in s3://data/elsewhere/train/"):
         resolve_paths(missing)
+    shards = "s3://data/short/shards"
+    storage.upload_tree(shard_folder(root), shards)
+    filesystem, tar = storage.filesystem(f"{shards}/val/val-000000.tar")
+    filesystem.delete_file(tar)
+    short = dataclasses.replace(config, data=dataclasses.replace(config.data, shards=shards))
+    with pytest.raises(UserError, match=f"shard {shards}/val/val-000000.tar is missing; rewrite it with "
+                                        "`amldist data shards "):
+        resolve_paths(short)  # before any worker copies the split
 
 
 @pytest.mark.timeout(600, method="thread")  # a hard bound: Ray blocks the signal method

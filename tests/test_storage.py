@@ -15,6 +15,7 @@ from amldist import node_cache, storage
 from amldist.errors import UserError
 from amldist.feature_store import FeatureStore, write_feature_store
 from amldist.shards import ShardReader, read_manifest, stream_samples
+from amldist.shards.manifest import check_shard_files
 
 pytest.importorskip("moto")
 from amldist.loopback_s3 import loopback_s3
@@ -79,6 +80,23 @@ def test_streaming_whole_shards_from_the_store_yields_every_sample(uploaded):
 def test_a_missing_remote_split_is_one_clear_error(s3):
     with pytest.raises(UserError, match="no shard manifest in s3://data/nothing"):
         read_manifest("s3://data/nothing")
+
+
+def test_a_missing_or_truncated_shard_in_the_store_is_named_with_the_commands_that_restore_it(uploaded, s3):
+    storage.upload_tree(split_dir(uploaded), "s3://data/damaged/db")
+    manifest = read_manifest("s3://data/damaged/db")
+    check_shard_files("s3://data/damaged/db", manifest)  # all there
+    local = split_dir(uploaded).parent
+    commands = (f"`amldist data shards --root {uploaded} --dataset {manifest['dataset']} --image-size "
+                f"{manifest['image_size']} --splits db` and `amldist data upload {local} s3://data/damaged`")
+    s3.client().delete_object(Bucket="data", Key="damaged/db/db-000002.tar")
+    with pytest.raises(UserError) as caught:
+        check_shard_files("s3://data/damaged/db", manifest)
+    missing = "shard s3://data/damaged/db/db-000002.tar is missing"
+    assert str(caught.value) == f"{missing}; rewrite it with {commands}"
+    s3.client().put_object(Bucket="data", Key="damaged/db/db-000002.tar", Body=b"short")
+    with pytest.raises(UserError, match=r"db-000002.tar holds 5 bytes, the manifest says \d+; rewrite"):
+        check_shard_files("s3://data/damaged/db", manifest)
 
 
 def test_the_node_cache_is_filled_once_and_checked_against_the_manifest(uploaded, cache, s3):

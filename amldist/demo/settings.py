@@ -67,6 +67,8 @@ class DemoSettings:
     num_workers: int = 2                     # Ray Train workers per run
     seed: int = 0                            # synthetic data seed
     wandb: str = "offline"
+    max_failures: int | None = None          # worker-group restarts per run (None: amldist train's default;
+                                             # the tests use 0, so that no retry hides a failure)
 
     @property
     def teacher_run(self) -> RunSpec:

@@ -157,9 +157,10 @@ def train_stage(state: DemoState, run: RunSpec, inputs: Iterable[str],
     from amldist.driver import run_training
     from amldist.wandb_log import resolve_mode
 
+    retries = {} if s.max_failures is None else {"max_failures": s.max_failures}
     try:
         result = run_training(config, storage=str(s.runs_dir), name=name, wandb=resolve_mode(s.wandb, False),
-                              image_every=1)
+                              image_every=1, **retries)
     except ray.train.TrainingFailedError as err:
         raise UserError(f"training {name} failed: {str(err).strip().splitlines()[-1][:300]}") from None
     best = result.return_value or {}

@@ -6,11 +6,11 @@
 
     amldist train --config tiny-student-contrplus-asym --set data.root=s3://bucket/data --storage s3://bucket/runs
 
-The checks here only look (a few small requests for the manifests); every node then copies what it
-reads into its own cache (`amldist.node_cache`): the driver the split pkl and the teacher stores (it
-checks them), each worker the split pkl and the shards, the miner the teacher stores. The val teacher
-store must be in the store too: it cannot be computed into a place every node sees, so a missing one
-names the commands.
+The checks here only look (a few small requests: the manifests, and one listing of each shard folder
+that finds a missing or truncated shard); every node then copies what it reads into its own cache
+(`amldist.node_cache`): the driver the split pkl and the teacher stores (it checks them), each worker
+the split pkl and the shards, the miner the teacher stores. The val teacher store must be in the store
+too: it cannot be computed into a place every node sees, so a missing one names the commands.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path, PurePath
 from amldist import storage
 from amldist.datasets import layout
 from amldist.errors import UserError
+from amldist.shards.manifest import check_shard_files, read_manifest
 from amldist.training.paths import TrainingPaths, default_store_dir, shards_command
 
 # The inputs each process reads (the miner reads both teacher stores and serves their rows): the fields
@@ -68,6 +69,8 @@ def resolve_remote_paths(config) -> TrainingPaths:
         _require(storage.join(shards, split, "manifest.json"), f"{split} shards",
                  f"write them with `{shards_command(config)}` and upload the folder")
     train_shards, val_shards = storage.join(shards, "train"), storage.join(shards, "val")
+    for split_dir in (train_shards, val_shards):  # a missing or truncated shard: found now, not mid-epoch
+        check_shard_files(split_dir, read_manifest(split_dir))
     root = _given(data.root)
     if config.model.teacher is None:
         return TrainingPaths(root, db_file, train_shards, val_shards)

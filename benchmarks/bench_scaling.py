@@ -26,7 +26,6 @@ Writes runs/bench/scaling-<data>.json. docs/SCALING.md extrapolates from it to 4
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
@@ -47,6 +46,7 @@ import faiss
 from bench_mining import IMAGES_PER_CLUSTER, clustered_unit_vectors
 
 from amldist import mining
+from amldist.atomic import atomic_write_json
 from amldist.feature_store import write_feature_store
 from amldist.miner_actor import Miner
 
@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                              "hard case for an index) or structured (scene types, power-law spectrum)")
     parser.add_argument("--sizes", default=None, help="comma list of part 1's pools ('' skips part 1)")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON written (default runs/bench/scaling-<data>[-parts<P>].json)")
     args = parser.parse_args(argv)
     large = args.large or (20_000 if args.quick else 1_000_000)
     sizes = [2_000, 10_000] if args.quick else [22_000, 133_000, 250_000]
@@ -288,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
               "data": args.data,
               "command": "python benchmarks/bench_scaling.py " + " ".join(argv or sys.argv[1:])}
     name = args.data if parts >= {"1", "2", "3"} else f"{args.data}-parts{''.join(sorted(parts))}"
-    out = ROOT / "runs" / "bench" / f"scaling-{name}.json"
+    out = args.out or ROOT / "runs" / "bench" / f"scaling-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
     return 0
 
 

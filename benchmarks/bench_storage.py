@@ -23,7 +23,6 @@ Writes runs/bench/storage.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_data import DATASET, IMAGE_SIZE, make_root
 
 from amldist import node_cache, storage
+from amldist.atomic import atomic_write_json
 from amldist.datasets import layout
 from amldist.loopback_s3 import TEST_CREDENTIALS, free_port
 from amldist.shards import ShardReader, shard_dataset, stream_samples
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run that checks the benchmark works")
     parser.add_argument("--images", type=int, default=None, help="samples (default 600; quick 40)")
     parser.add_argument("--threads", type=int, default=8, help="concurrent ranged reads (default 8)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "storage.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("AMLDIST_NO_PROGRESS", "1")
     num_images = args.images or (40 if args.quick else 600)
@@ -157,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     result.update(quick=args.quick, python=platform.python_version(), cpus=os.cpu_count(),
                   command="python benchmarks/bench_storage.py" + (" --quick" if args.quick else ""))
     print_table(result)
-    out = ROOT / "runs" / "bench" / "storage.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
     return 0
 
 

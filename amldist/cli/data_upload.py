@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from amldist.cli.common import add_command, positive_int, require
-from amldist.errors import UserError
+from amldist.cli.common import add_command, positive_int
+from amldist.errors import UserError, require
 
 
 def register(data_subparsers) -> None:

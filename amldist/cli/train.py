@@ -118,8 +118,8 @@ def print_summary(result, run_dir: Path, wandb_mode: str) -> None:
 
     value = result.return_value or {}
     print(f"run folder: {run_dir}")
-    if value.get("best_score") is not None:
-        print(f"best {value['best_metric']}: {value['best_score']:.2f} at epoch {value['best_epoch']} "
+    if value.get("best_score") is not None:  # epochs count from 1 in what users read, from 0 in metrics
+        print(f"best {value['best_metric']}: {value['best_score']:.2f} at epoch {value['best_epoch'] + 1} "
               f"-> {run_dir / BEST_FILE}")
     if result.checkpoint is not None:
         print(f"last checkpoint: {result.checkpoint.path}")

@@ -81,3 +81,14 @@ def test_no_module_outside_cli_imports_a_command():
                 offenders.append(f"{path.relative_to(package)}:{node.lineno}")
     assert len(list(package.rglob("*.py"))) > 50  # the walk saw the package
     assert not offenders, offenders
+
+
+def test_the_run_summary_counts_epochs_from_one_as_the_progress_lines_do(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from amldist.cli.train import print_summary
+
+    value = {"best_score": 37.56, "best_epoch": 1, "best_metric": "val_map_sym"}
+    result = SimpleNamespace(return_value=value, checkpoint=None)
+    print_summary(result, tmp_path, "off")
+    assert "best val_map_sym: 37.56 at epoch 2 " in capsys.readouterr().out

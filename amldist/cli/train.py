@@ -149,8 +149,8 @@ def print_summary(result, run_dir: Path, wandb_mode: str) -> None:
     if value.get("skipped_checkpoints"):
         print(f"note: unreadable checkpoints skipped: {'; '.join(value['skipped_checkpoints'])}; "
               f"the run went on from {value['resumed_from']}")
-    if value.get("best_score") is not None:
-        print(f"best {value['best_metric']}: {value['best_score']:.2f} at epoch {value['best_epoch']} "
+    if value.get("best_score") is not None:  # epochs count from 1 in what users read, from 0 in metrics
+        print(f"best {value['best_metric']}: {value['best_score']:.2f} at epoch {value['best_epoch'] + 1} "
               f"-> {run_dir / BEST_FILE}")
     if result.checkpoint is not None:
         print(f"last checkpoint: {result.checkpoint.path}")

@@ -29,3 +29,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """The small synthetic training set with a random teacher's feature stores (tests/training_data.py),
+    built once per session for every Ray test module."""
+    from training_data import build_data_root
+
+    return build_data_root(tmp_path_factory.mktemp("train-data"))

@@ -1,0 +1,59 @@
+"""The small synthetic training set the Ray tests share (built once per session by conftest's `data_root`):
+64 px images of 10 training landmarks, a random small_cnn teacher and its feature stores, and the config
+of a run on it."""
+
+import torch
+
+from amldist.checkpoints import export_network_file
+from amldist.config import config_from_dict
+from amldist.nets import create_net
+from amldist.shards import shard_dataset
+from amldist.synth import presets as synth_presets
+from amldist.synth.writer import generate
+from amldist.teacher_features import compute_features
+from amldist.training.paths import default_store_dir, prepare_inputs
+
+IMAGE_SIZE = 64
+# 10 training landmarks of 6 views, 5 val landmarks of 5 views, tiny test sets (unused here).
+PRESET = synth_presets.Preset(
+    "train-test", image_max_side=96, train_landmarks=10, train_views=6, val_landmarks=5, val_views=5,
+    pairs_per_image=2, query_landmarks=1, queries_per_landmark=1, db_easy=1, db_hard=1, db_junk=0,
+    lookalike_views=0, other_landmarks=0, other_views=1, distractors=1)
+
+
+def build_data_root(root):
+    """Synthesise, shard, and compute the teacher's features (train and val) under `root`."""
+    synth_presets.PRESETS[PRESET.name] = PRESET
+    try:
+        generate(root, PRESET.name, seed=0, workers=1)
+    finally:
+        del synth_presets.PRESETS[PRESET.name]
+    shard_dataset(root, "retrieval-SfM-120k", image_size=IMAGE_SIZE, splits=["train", "val"], workers=0)
+    torch.manual_seed(1)
+    export_network_file(root / "teacher.pth", create_net("small_cnn", "gem", None, pretrained=False))
+    config = make_config(root, "contrastive_plus")
+    compute_features(root / "teacher.pth", shard_folder(root) / "train", default_store_dir(config))
+    prepare_inputs(config)  # also computes the val store
+    return root
+
+
+def shard_folder(root):
+    return root / "shards" / f"retrieval-SfM-120k-{IMAGE_SIZE}"
+
+
+def config_dict(root, loss, epochs=4, **run):
+    """The unresolved config of a run on the set (a search varies keys of it)."""
+    loss_section = {"name": loss}
+    if loss.startswith("contr"):
+        loss_section["asym"] = loss == "contrastive_plus"
+    return {
+        "data": {"root": str(root), "image_size": IMAGE_SIZE, "workers": 0},
+        "model": {"arch": "small_cnn", "pretrained": False, "teacher": str(root / "teacher.pth")},
+        "loss": loss_section,
+        "mining": {"num_negatives": 3, "queries_per_epoch": 60, "pool_size": 60},
+        "optim": {"optimizer": "adam", "lr": 1e-3},
+        "run": {"epochs": epochs, "batch_size": 10, "num_workers": 2, **run}}
+
+
+def make_config(root, loss, epochs=4, **run):
+    return config_from_dict(config_dict(root, loss, epochs, **run))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 from amldist.config.resolve import TEACHER_FILE_SUFFIXES
@@ -103,6 +103,21 @@ def resolve_paths(config) -> TrainingPaths:
     train_store = _absolute(train_store)
     return TrainingPaths(root, str(db_file), str(shards / "train"), str(shards / "val"),
                          str(train_store), str(val_store_dir(train_store)))
+
+
+def with_absolute_paths(config, cwd: str | Path):
+    """The config with its relative paths (data root, shards, teacher stores, a teacher network file, the
+    run folder base) taken relative to `cwd`: for a run whose driver works elsewhere (a Ray Tune trial
+    runs in its trial folder)."""
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else str((Path(cwd) / Path(value).expanduser()).resolve())
+
+    data, model = config.data, config.model
+    teacher = model.teacher if model.teacher in TEACHERS else absolute(model.teacher)
+    data = replace(data, root=absolute(data.root), shards=absolute(data.shards),
+                   teacher_features=absolute(data.teacher_features))
+    return replace(config, data=data, model=replace(model, teacher=teacher),
+                   run=replace(config.run, out_dir=absolute(config.run.out_dir)))
 
 
 def _absolute(path: Path) -> Path:

@@ -1,0 +1,143 @@
+"""Hyper-parameter search: search-space parsing and checks (no Ray), the results table and best preset from
+plain trial records, and real searches with Ray Tune on the small synthetic set (tests/training_data.py):
+ASHA stopping a trial early without leaking its placement group, the best preset training, and an
+interrupted search resumed."""
+
+import json
+import math
+import re
+
+import pytest
+import yaml
+
+from amldist.cli.main import main
+from amldist.config import config_from_dict, preset_dict, preset_sections
+from amldist.errors import UserError
+from amldist.tuning.plan import SearchPlan, SearchSettings, plan_search
+from amldist.tuning.results import SearchResults, TrialRecord, best_preset_text, format_table
+from amldist.tuning.space import Dimension, default_space, parse_dimension
+
+TINY = "tiny-student-contrplus-asym"
+
+
+# ------------------------------------------------------------------ parsing and checks (no Ray)
+
+
+def test_expressions_parse_into_dimensions():
+    lr = parse_dimension("optim.lr=loguniform(1e-4, 1e-2)")
+    assert lr == Dimension("optim.lr", "loguniform", (1e-4, 1e-2))
+    assert parse_dimension(" loss.margin = uniform(0.6,1) ") == Dimension("loss.margin", "uniform", (0.6, 1))
+    assert parse_dimension("mining.num_negatives=choice(3, 5, 10)").args == (3, 5, 10)
+    assert parse_dimension("optim.optimizer=grid(adam, 'sgd')").args == ("adam", "sgd")
+    assert parse_dimension("mining.num_negatives=randint(3,11)").extremes() == [3, 10]  # high is exclusive
+    assert parse_dimension("optim.lr=loguniform(1e-4,1e-2)").log_scale
+
+
+@pytest.mark.parametrize("text, says", [
+    ("optim.lr=loguniform(1e-4,1e-2", "expected KEY=FUNCTION(ARGS)"),
+    ("optim.lr loguniform(1e-4,1e-2)", "expected KEY=FUNCTION(ARGS)"),
+    ("optim.lrr=uniform(1e-4,1e-2)", "unknown config key 'optim.lrr'"),
+    ("optim.lr=uniform(1e-2,1e-4)", "inverted range"),
+    ("loss.margin=uniform(0.7,0.7)", "empty range"),
+    ("optim.lr=loguniform(0,1e-2)", "needs 0 < low"),
+    ("optim.lr=logunifrom(1e-4,1e-2)", "unknown function 'logunifrom'"),
+    ("optim.lr=__import__('os').system('true')", "unknown function '__import__'"),
+    ("optim.lr=uniform(1e-4)", "takes 2 numbers, got 1"),
+    ("optim.lr=uniform(1e-4,nan)", "not a finite number"),
+    ("optim.lr=uniform(1e-4,,1)", "an empty argument"),
+    ("optim.lr=choice()", "needs at least one value"),
+    ("mining.num_negatives=uniform(3,10)", "is an integer"),
+    ("loss.asym=uniform(0,1)", "is not a number"),
+])
+def test_malformed_or_impossible_expressions_are_refused(text, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        parse_dimension(text)
+
+
+@pytest.mark.parametrize("search, says", [
+    ("optim.lr=uniform(-1e-3,1e-2)", "optim.lr: must be > 0"),       # a non-positive lr the space could draw
+    ("optim.lr=choice(1e-3, 0)", "optim.lr: must be > 0"),
+    ("loss.margin=uniform(0.5,1.5)", "out of range for the contrastive_plus loss"),
+    ("run.num_workers=choice(1,2)", "not searchable"),
+])
+def test_a_space_that_can_draw_an_invalid_config_is_refused(search, says):
+    with pytest.raises(UserError, match=says):
+        plan_search(preset_dict(TINY), searches=[search])
+
+
+def test_the_default_space_is_centred_on_the_papers_values():
+    contr_asym = config_from_dict({"model": {"teacher": "vgg16"}, "loss": {"name": "contrastive_plus"}})
+    lr, margin = default_space(contr_asym)
+    assert lr == Dimension("optim.lr", "loguniform", (1e-4, 1e-2))  # §4.1: 1e-3 for asym contrastive
+    assert margin == Dimension("loss.margin", "uniform", (0.5, 0.9))  # the registry's 0.7, +-0.2
+    triplet = config_from_dict({"model": {"teacher": "vgg16"}, "loss": {"name": "triplet"}})
+    assert default_space(triplet)[0].args == pytest.approx((1e-9, 1e-7))
+    assert default_space(triplet)[1].args == (0.0, 0.3)  # the triplet margin stays >= 0
+    regression = config_from_dict({"model": {"teacher": "vgg16"}, "loss": {"name": "regression"}})
+    assert [d.key for d in default_space(regression)] == ["optim.lr"]
+    plan = plan_search(preset_dict(TINY))
+    assert [d.key for d in plan.dimensions] == ["optim.lr", "loss.margin"]
+    assert plan.metric == "val_map_asym" and plan.mode == "max"  # what the run picks its best model by
+
+
+def test_a_tune_section_is_read_and_flags_win(tmp_path):
+    preset = tmp_path / "search.yaml"
+    data = {**preset_dict(TINY), "tune": {"search": {"optim.lr": "loguniform(1e-4, 1e-2)",
+                                                     "mining.num_negatives": [3, 5]},
+                                          "num_samples": 3, "scheduler": "fifo"}}
+    preset.write_text(yaml.safe_dump(data))
+    base, section = preset_sections(str(preset))
+    assert "tune" not in base and section["num_samples"] == 3  # `amldist train` on this file ignores it
+    plan = plan_search(base, section=section, searches=["optim.lr=loguniform(1e-3,1e-1)"],
+                       settings=SearchSettings(num_samples=5), source=str(preset))
+    assert plan.num_samples == 5 and plan.scheduler == "fifo"
+    assert {d.key: d for d in plan.dimensions}["optim.lr"].args == (1e-3, 1e-1)
+    negatives = {d.key: d for d in plan.dimensions}["mining.num_negatives"]
+    assert negatives == Dimension("mining.num_negatives", "choice", (3, 5))
+    assert SearchPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # search.json round trip
+    with pytest.raises(UserError, match="unknown tune setting samples"):
+        plan_search(base, section={"samples": 3})
+
+
+def test_bad_search_input_is_one_line_and_exit_2_before_ray_starts(monkeypatch, capsys):
+    import amldist.driver
+
+    monkeypatch.setattr(amldist.driver, "start_ray", lambda local: pytest.fail("Ray started"))
+    cases = [["--search", "optim.lr=loguniform(1e-4,1e-2"], ["--search", "optim.bogus=uniform(1,2)"],
+             ["--search", "loss.margin=uniform(0.9,0.6)"], ["--search", "optim.lr=uniform(0,1e-2)"]]
+    for extra in cases:
+        assert main(["tune", "--config", TINY, "--local", *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (extra, err)
+    for extra in (["--max-concurrent", "0"], ["--scheduler", "hyperband"]):  # argparse's checks: also exit 2
+        with pytest.raises(SystemExit) as stop:
+            main(["tune", "--config", TINY, "--local", *extra])
+        assert stop.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_table_and_best_preset_come_from_the_trials_records():
+    plan = plan_search(preset_dict(TINY), searches=["optim.lr=loguniform(1e-4,1e-2)"],
+                       settings=SearchSettings(num_samples=3))
+
+    def trial(index, lr, scores, status="TERMINATED"):
+        epochs = [{"epoch": e, "val_map_asym": s, "loss": 1.0} for e, s in enumerate(scores)]
+        return TrialRecord(f"t_{index}", {"optim.lr": lr}, status, 3, epochs, 10.0 + index,
+                           f"/runs/t_{index}")
+
+    results = SearchResults(plan, "s", [trial(0, 1e-3, [10.0, 30.0, 20.0]), trial(1, 1e-4, [5.0]),
+                                        trial(2, 3e-3, [math.nan, 31.0, 31.0])])
+    rows = results.rows()
+    assert [r["trial"] for r in rows] == ["t_2", "t_0", "t_1"]
+    assert rows[0]["best_val_map_asym"] == 31.0 and rows[0]["best_epoch"] == 1  # the earliest of a tie
+    assert rows[2]["stopped_early"] and not rows[1]["stopped_early"]
+    assert not results.interrupted
+    text = best_preset_text(results)
+    best = config_from_dict(yaml.safe_load(text))
+    assert best.optim.lr == 3e-3 and best.run.name == "s-best" and text.startswith("# Best trial t_2")
+    assert "t_2" in format_table(results).splitlines()[1]
+    unfinished = SearchResults(plan, "s", [trial(0, 1e-3, [1.0], status="PENDING")])
+    assert unfinished.interrupted
+
+
+# ------------------------------------------------------------------ searches on Ray

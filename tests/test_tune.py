@@ -141,3 +141,35 @@ def test_the_table_and_best_preset_come_from_the_trials_records():
 
 
 # ------------------------------------------------------------------ searches on Ray
+
+
+def test_trials_share_the_cpus_when_more_run_at_once_than_fit():
+    from amldist.tune_search import trial_resources
+
+    def config(workers, gpu=False):
+        return config_from_dict({"run": {"num_workers": workers, "use_gpu": gpu}})
+
+    cpus = {"CPU": 2.0}
+    assert trial_resources(config(1), None, cpus) == (2, 0.99)  # 2 trials of 1 worker; 0.01: trial actors
+    assert trial_resources(config(2), None, cpus) == (1, 0.99)
+    assert trial_resources(config(2), 2, cpus) == (2, 0.49)     # asked for 2 at once: half a CPU per worker
+    assert trial_resources(config(2, gpu=True), None, {"CPU": 16.0, "GPU": 4.0}) == (2, None)
+    with pytest.raises(UserError, match="do not fit"):
+        trial_resources(config(2), 100, cpus)
+
+
+def test_a_search_folder_is_never_overwritten_and_resume_continues_the_stored_search(tmp_path):
+    from amldist.tune_search import SEARCH_FILE, check_search_folder
+
+    plan = plan_search(preset_dict(TINY), searches=["optim.lr=loguniform(1e-4,1e-2)"])
+    assert check_search_folder(plan, str(tmp_path), "s", resume=False, wandb="off") == (plan, "off")
+    with pytest.raises(UserError, match="nothing to resume"):
+        check_search_folder(plan, str(tmp_path), "s", resume=True, wandb="off")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / SEARCH_FILE).write_text(json.dumps({"plan": plan.to_dict(), "wandb": "offline"}))
+    with pytest.raises(UserError, match="already holds a search named 's'"):
+        check_search_folder(plan, str(tmp_path), "s", resume=False, wandb="off")
+    assert check_search_folder(None, str(tmp_path), "s", resume=True, wandb="off") == (plan, "offline")
+    other = plan_search(preset_dict(TINY), searches=["optim.lr=loguniform(1e-5,1e-2)"])
+    with pytest.raises(UserError, match=r"other settings \(dimensions differ\)"):
+        check_search_folder(other, str(tmp_path), "s", resume=True, wandb="off")

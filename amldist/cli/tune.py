@@ -106,8 +106,24 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(outcome.results))
     for key, path in outcome.files.items():
         print(f"{key}: {path}")
+    report_failures(outcome.results)
     if outcome.results.interrupted:
         sys.stderr.write(f"amldist: search interrupted; the same command with --resume runs its unfinished "
                          f"trials ({outcome.folder})\n")
         return INTERRUPTED_EXIT
     return 0
+
+
+def report_failures(results) -> None:
+    """Trials that failed: one line naming their error files; every trial failed: a UserError."""
+    from pathlib import Path
+
+    from amldist.tuning.results import FAILED
+
+    failed = [trial for trial in results.trials if trial.status == FAILED]
+    if not failed:
+        return
+    errors = ", ".join(str(Path(trial.folder) / "error.txt") for trial in failed[:3])
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    require(len(failed) < len(results.trials), f"every trial failed; see {errors}{more}")
+    sys.stderr.write(f"amldist: {len(failed)} of {len(results.trials)} trials failed; see {errors}{more}\n")

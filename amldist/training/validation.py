@@ -55,7 +55,7 @@ class ValidationSet:
 def selection_metric(config, has_teacher_store: bool) -> str:
     """The validation score that picks a run's best model (and a search's best trial): asym mAP when the
     student is trained against the teacher's space (asym labelled losses, regression) and the run has the
-    teacher's val vectors, else sym mAP; the training loss when the run never validates (`run.val_freq: 0`)."""
+    teacher's val vectors, else sym mAP; the training loss when the run never validates (run.val_freq 0)."""
     if not config.run.val_freq:
         return "loss"
     return "val_map_asym" if tuple_family(config).asym and has_teacher_store else "val_map_sym"

@@ -110,7 +110,7 @@ def search(root: Path, args, concurrent: int) -> dict:
                        *itertools.chain.from_iterable(("--set", s) for s in base_sets(root, args.epochs))],
                       WORK / f"{name}.log")
     trials = json.loads((storage / name / "results.json").read_text())["trials"]
-    records = [r for t in trials for r in epoch_records(Path(t["folder"]))]
+    records = [r for t in trials for r in epoch_records(storage / name / f"trial_{t['trial']}")]
     print(f"amldist tune, {concurrent} trial(s) at once: {seconds:.1f} s", flush=True)
     return {"wall_s": seconds, "trials": len(trials),
             "epochs_total_s": sum(r["epoch_time_s"] for r in records),

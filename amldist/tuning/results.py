@@ -37,7 +37,7 @@ class TrialRecord:
     planned_epochs: int              # its run.epochs
     epochs: list[dict[str, Any]] = field(default_factory=list)  # its reported metrics, one per epoch
     wall_s: float | None = None      # Ray Tune's time_total_s: from the trial's start to its last report
-    folder: str = ""                 # its run folder (checkpoints, model_best.pth.tar, metrics.jsonl)
+    folder: str = ""                 # its run folder: trial_<id>/ in the search folder
 
     @property
     def epochs_run(self) -> int:
@@ -121,7 +121,7 @@ class SearchResults:
                          f"best_{metric}": best[0] if best else None, "best_epoch": best[1] if best else None,
                          "epochs_run": trial.epochs_run, "stopped_early": trial.stopped_early,
                          "wall_s": None if trial.wall_s is None else round(trial.wall_s, 1),
-                         "status": trial.status, "folder": trial.folder})
+                         "status": trial.status})
         return rows
 
 
@@ -137,7 +137,7 @@ def best_preset_text(results: SearchResults) -> str | None:
     values = ", ".join(f"{key}={_cell(value)}" for key, value in best.params.items())
     header = (f"# Best trial {best.trial_id} of the search {results.name!r}: {values}\n"
               f"# best {results.plan.metric} {score:.2f} at epoch {epoch} of {best.epochs_run} run; "
-              f"its run folder: {best.folder}\n"
+              f"its run: {Path(best.folder).name}/ in the search's folder\n"
               f"# Train it: amldist train --config THIS_FILE (run.name {config.run.name})\n")
     return header + config_to_yaml(config)
 
@@ -171,8 +171,8 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(results: SearchResults) -> str:
-    """The table as aligned text (the folder column left out: results.csv has it)."""
-    rows = [{key: value for key, value in row.items() if key != "folder"} for row in results.rows()]
+    """The table as aligned text."""
+    rows = results.rows()
     if not rows:
         return "no trials"
     columns = list(rows[0])

@@ -121,7 +121,6 @@ def search(root: Path, args, concurrent: int) -> dict:
 def miner_costs(root: Path, starts: int) -> dict:
     """Seconds to start a run's miner actor until it answers (what each trial pays for its own), and the
     resident memory of one miner process."""
-    import psutil
     import ray
 
     from amldist.config import load_config
@@ -140,11 +139,19 @@ def miner_costs(root: Path, starts: int) -> dict:
                                 name=f"bench-miner-{index}", pool_size=config.mining.pool_size)
             pid = ray.get(miner.stats.remote())["pid"]
             seconds.append(time.perf_counter() - started)
-            rss.append(psutil.Process(pid).memory_info().rss / 2**20)
+            rss.append(resident_mb(pid))
             ray.kill(miner)
     finally:
         ray.shutdown()
     return {"start_s": seconds, "rss_mb": rss}
+
+
+def resident_mb(pid: int) -> float:
+    """Resident memory of a process (Linux: /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def main() -> None:
@@ -164,9 +171,9 @@ def main() -> None:
     build_data(DATA.resolve())
     root = DATA.resolve()
     load_before = os.getloadavg()
+    miner = miner_costs(root, 1 if args.quick else 3)
     seq = sequential(root, configs, args)
     searches = {str(k): search(root, args, k) for k in ((2,) if args.quick else (1, 2))}
-    miner = miner_costs(root, 1 if args.quick else 3)
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                "load_before": load_before, "load_after": os.getloadavg(), "configs": configs,
                "epochs": args.epochs, "num_workers": args.num_workers, "sequential": seq, "search": searches,

@@ -146,6 +146,14 @@ def miner_costs(root: Path, starts: int) -> dict:
     return {"start_s": seconds, "rss_mb": rss}
 
 
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def resident_mb(pid: int) -> float:
     """Resident memory of a process (Linux: /proc/PID/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -174,7 +182,7 @@ def main() -> None:
     miner = miner_costs(root, 1 if args.quick else 3)
     seq = sequential(root, configs, args)
     searches = {str(k): search(root, args, k) for k in ((2,) if args.quick else (1, 2))}
-    results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    results = {"machine": cpu_model(), "cpus": os.cpu_count(),
                "load_before": load_before, "load_after": os.getloadavg(), "configs": configs,
                "epochs": args.epochs, "num_workers": args.num_workers, "sequential": seq, "search": searches,
                "search_over_sequential": {k: s["wall_s"] / seq["total_s"] for k, s in searches.items()},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from amldist.errors import UserError, require
 from amldist.training.state import CHECKPOINT_FILE, checkpoint_file, load_epochs_done
+from amldist.wandb_log import read_metrics
 
 DEFAULT_IMAGE_EVERY = 5   # epochs between records of the fixed anchors' negatives (negatives.jsonl, wandb)
 DEFAULT_MAX_FAILURES = 2  # worker-group restarts after a failure (-1: no limit)
@@ -55,6 +56,17 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Ray Train checkpoint folders of a run that hold our checkpoint file, oldest first."""
     found = [d for d in run_dir.glob("checkpoint_*") if (d / CHECKPOINT_FILE).is_file()]
     return sorted(found, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime)
+
+
+def checkpointed_records(run_dir: Path) -> list[dict]:
+    """The metrics.jsonl records of the epochs the run's last checkpoint holds: what a continued run will
+    not train again. Empty for a run without checkpoints (or with them in a storage URI)."""
+    existing = checkpoint_dirs(run_dir)
+    if not existing:
+        return []
+    done = load_epochs_done(existing[-1] / CHECKPOINT_FILE)
+    return [record for record in read_metrics(run_dir) if isinstance(record.get("epoch"), int)
+            and record["epoch"] < done]
 
 
 def check_resume(storage: str | Path, name: str, resume: str | None, epochs: int) -> str | None:

@@ -41,7 +41,7 @@ from amldist.atomic import atomic_write_json
 from amldist.config import Config
 from amldist.driver import run_training
 from amldist.errors import require
-from amldist.runs import DEFAULT_MAX_FAILURES, local_run_dir, storage_path
+from amldist.runs import DEFAULT_MAX_FAILURES, checkpointed_records, local_run_dir, storage_path
 from amldist.training.paths import prepare_inputs, with_absolute_paths
 from amldist.tuning.plan import SearchPlan
 from amldist.tuning.plots import plot_search
@@ -106,6 +106,11 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
     and continues."""
     config = with_absolute_paths(job.plan.trial_config(params), job.cwd)
     name = f"{job.name}/{trial_folder(tune.get_context().get_trial_id())}"
+    # Tune restarts a trial that a resumed search finds unfinished from nothing (no Tune checkpoint) and
+    # drops what it had recorded of it; its run continues from its checkpoint, so the epochs already
+    # trained are reported again first, for the results and for ASHA's rungs.
+    for record in checkpointed_records(local_run_dir(config.run.out_dir, job.storage, name)):
+        tune.report(record)
     epochs: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})  # the run waits for a slow Tune
     ended, failure = threading.Event(), []
 

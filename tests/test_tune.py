@@ -173,3 +173,71 @@ def test_a_search_folder_is_never_overwritten_and_resume_continues_the_stored_se
     other = plan_search(preset_dict(TINY), searches=["optim.lr=loguniform(1e-5,1e-2)"])
     with pytest.raises(UserError, match=r"other settings \(dimensions differ\)"):
         check_search_folder(other, str(tmp_path), "s", resume=True, wandb="off")
+
+
+def write_run(run_dir, epochs_logged, checkpoints):
+    """A run folder: metrics.jsonl with `epochs_logged` records (and a line torn by a crash), and one
+    checkpoint folder per finished-epoch count in `checkpoints`, older to newer."""
+    import os
+
+    import torch
+
+    from amldist.training.state import CHECKPOINT_FILE
+
+    run_dir.mkdir(parents=True)
+    lines = [json.dumps({"epoch": e, "val_map_asym": 10.0 + e}) for e in range(epochs_logged)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 9, "val_m')
+    for age, done in enumerate(checkpoints):
+        folder = run_dir / f"checkpoint_epoch{done:04d}"
+        folder.mkdir()
+        torch.save({"epoch": done}, folder / CHECKPOINT_FILE)
+        os.utime(folder / CHECKPOINT_FILE, (1e9 + age, 1e9 + age))
+
+
+def test_a_continued_trial_knows_the_epochs_its_checkpoint_holds(tmp_path):
+    from amldist.runs import checkpointed_records
+
+    write_run(tmp_path / "run", epochs_logged=3, checkpoints=[1, 2])  # epoch 2 logged, then killed
+    assert checkpointed_records(tmp_path / "run") == [{"epoch": 0, "val_map_asym": 10.0},
+                                                      {"epoch": 1, "val_map_asym": 11.0}]
+    write_run(tmp_path / "fresh", epochs_logged=1, checkpoints=[])  # killed before its first checkpoint
+    assert checkpointed_records(tmp_path / "fresh") == []
+    assert checkpointed_records(tmp_path / "never-started") == []
+
+
+def test_a_restarted_trial_reports_its_checkpointed_epochs_before_the_ones_it_trains(tmp_path, monkeypatch):
+    """A trial that a resumed search starts again: Tune hears epochs 0-1 from the run's checkpoint, then
+    epoch 2 as the continued run reports it (Ray replaced by in-process fakes)."""
+    import queue
+    import types
+
+    from amldist import tune_search
+    from amldist.tune_search import TrialJob, run_trial
+
+    write_run(tmp_path / "search" / "trial_a", epochs_logged=2, checkpoints=[2])
+    reported, started = [], []
+
+    class LocalQueue(queue.Queue):
+        def __init__(self, maxsize, actor_options):
+            super().__init__(maxsize)
+
+        def get(self, timeout):
+            try:
+                return super().get(timeout=timeout)
+            except queue.Empty:
+                raise tune_search.Empty from None
+
+    def fake_training(config, *, storage, name, callbacks, **options):
+        started.append((storage, name))
+        callbacks[0].after_report(None, [{"epoch": 2, "val_map_asym": 12.0}], None)
+
+    context = types.SimpleNamespace(get_trial_id=lambda: "a")
+    monkeypatch.setattr(tune_search, "tune", types.SimpleNamespace(get_context=lambda: context,
+                                                                   report=reported.append))
+    monkeypatch.setattr(tune_search, "Queue", LocalQueue)
+    monkeypatch.setattr(tune_search, "run_training", fake_training)
+    plan = plan_search(preset_dict(TINY), searches=["optim.lr=loguniform(1e-4,1e-2)"],
+                       settings=SearchSettings(num_samples=1))
+    run_trial({"optim.lr": 1e-3}, TrialJob(plan, str(tmp_path), str(tmp_path), "search", 0, None))
+    assert started == [(str(tmp_path), "search/trial_a")]
+    assert [(r["epoch"], r["val_map_asym"]) for r in reported] == [(0, 10.0), (1, 11.0), (2, 12.0)]

@@ -28,7 +28,8 @@ from ray.train.torch import TorchTrainer
 from amldist.config import Config
 from amldist.errors import UserError
 from amldist.miner_actor import start_miner
-from amldist.runs import DEFAULT_IMAGE_EVERY, DEFAULT_MAX_FAILURES, local_run_dir, storage_path
+from amldist.runs import DEFAULT_IMAGE_EVERY, DEFAULT_MAX_FAILURES, local_run_dir
+from amldist.storage import storage_filesystem, storage_filesystem_path
 from amldist.training.family import RANDOM_NEGATIVES, TEACHER_POOL, tuple_family
 from amldist.training.paths import TrainingPaths, prepare_inputs
 from amldist.training.plan import busiest_rank_tuples, idle_share
@@ -101,7 +102,9 @@ def run_training(config: Config, *, storage: str, name: str, callbacks: list | N
             train_loop_per_worker, train_loop_config=job.to_loop_config(),
             scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
                                          resources_per_worker=_worker_resources(config, cpus_per_worker)),
-            run_config=RunConfig(name=name, storage_path=storage_path(storage), callbacks=callbacks,
+            run_config=RunConfig(name=name, callbacks=callbacks,
+                                 storage_path=storage_filesystem_path(storage),
+                                 storage_filesystem=storage_filesystem(storage),  # endpoint settings of a URI
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                                  logging_config=ray.train.LoggingConfig(log_level="WARNING")))

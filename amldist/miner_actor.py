@@ -30,6 +30,7 @@ from amldist import mining, search
 from amldist.atomic import atomic_write_json
 from amldist.errors import UserError
 from amldist.feature_store import FeatureStore
+from amldist.node_cache import cached_copy
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class Miner:
         self.clusters = np.asarray(clusters, dtype=np.int64)  # (N,)
         self.pool_size = int(pool_size)
         self.backend = search.choose_backend(backend)
-        self.stores = {split: FeatureStore.open(folder, verify=split == "train")
+        # A store URI: this node's checked copy (amldist.node_cache), memory-mapped like a local store.
+        self.stores = {split: FeatureStore.open(cached_copy(folder), verify=split == "train")
                        for split, folder in zip(SPLITS, (store_dir, val_store_dir)) if folder}
         if "train" in self.stores and len(self.stores["train"]) != len(self.clusters):
             raise UserError(f"the teacher feature store holds {len(self.stores['train'])} images, "

@@ -3,9 +3,9 @@ of how it runs (no Ray).
 
 A run named NAME lives in `<storage>/NAME`, Ray Train's run folder: its `checkpoint_epochNNNN/` folders
 (each holding `amldist.training.state.CHECKPOINT_FILE`), and beside them rank 0's `model_best.pth.tar`,
-`metrics.jsonl`, `negatives.jsonl` and `wandb/`. Storage may also be a URI (s3://, gs://, file://...);
-Ray Train then keeps only its checkpoints there, and rank 0 writes the rest to `run.out_dir/NAME` on
-its own node (`local_run_dir`).
+`metrics.jsonl`, `negatives.jsonl` and `wandb/`. Storage may also be an object-store URI (s3://, gs://;
+`amldist.storage.is_uri`, where file:// counts as a local folder); Ray Train then keeps only its
+checkpoints there, and rank 0 writes the rest to `run.out_dir/NAME` on its own node (`local_run_dir`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amldist.errors import UserError, require
+from amldist.storage import is_uri, local_path
 from amldist.training.state import CHECKPOINT_FILE, checkpoint_file, load_epochs_done
 from amldist.wandb_log import read_metrics
 
@@ -20,20 +21,10 @@ DEFAULT_IMAGE_EVERY = 5   # epochs between records of the fixed anchors' negativ
 DEFAULT_MAX_FAILURES = 2  # worker-group restarts after a failure (-1: no limit)
 
 
-def is_uri(storage: str | Path) -> bool:
-    """A storage URI (s3://bucket/runs, file:///shared/runs) rather than a local folder."""
-    return "://" in str(storage)
-
-
-def storage_path(storage: str | Path) -> str:
-    """Ray Train's `storage_path`: a URI as it is, a local folder made absolute (workers run elsewhere)."""
-    return str(storage) if is_uri(storage) else str(Path(storage).expanduser().resolve())
-
-
 def local_run_dir(out_dir: str, storage: str | Path, name: str) -> Path:
     """Where rank 0 writes model_best, metrics.jsonl and wandb: the Ray run folder for a local storage
     path, else `out_dir/<name>` on rank 0's node (a URI storage holds only Ray's checkpoints)."""
-    base = out_dir if is_uri(storage) else storage
+    base = out_dir if is_uri(storage) else local_path(storage)
     return Path(base).expanduser().resolve() / name
 
 
@@ -74,7 +65,7 @@ def check_resume(storage: str | Path, name: str, resume: str | None, epochs: int
     of this name) or a checkpoint to start from. Returns the checkpoint file a new run starts from."""
     if is_uri(storage):  # Ray checks a remote run itself
         return None if not resume else str(checkpoint_file(resume).resolve())
-    run_dir = Path(storage).expanduser() / name
+    run_dir = local_path(storage).expanduser() / name
     existing = checkpoint_dirs(run_dir)
     if resume is None:
         require(not existing,

@@ -41,7 +41,8 @@ from amldist.atomic import atomic_write_json
 from amldist.config import Config
 from amldist.driver import run_training
 from amldist.errors import require
-from amldist.runs import DEFAULT_MAX_FAILURES, checkpointed_records, local_run_dir, storage_path
+from amldist.runs import DEFAULT_MAX_FAILURES, checkpointed_records, local_run_dir
+from amldist.storage import is_uri, storage_filesystem, storage_filesystem_path
 from amldist.training.paths import prepare_inputs, with_absolute_paths
 from amldist.tuning.plan import SearchPlan
 from amldist.tuning.plots import plot_search
@@ -237,17 +238,19 @@ def run_search(plan: SearchPlan, *, storage: str, name: str, wandb: str = "off",
         raise RuntimeError("run_search needs a running Ray (ray.init) first")
     base = plan.base_config()
     folder = search_folder(plan, storage, name)
-    experiment = f"{storage_path(storage).rstrip('/')}/{name}"
+    experiment, filesystem = experiment_path(storage, name), storage_filesystem(storage)
     prepare_inputs(base)  # the val teacher store, once for all trials; every trial then only opens it
     concurrent, cpus = trial_resources(base, plan.max_concurrent, ray.cluster_resources())
-    job = TrialJob(plan, os.getcwd(), storage_path(storage), name, max_failures, cpus)
+    trial_storage = storage if is_uri(storage) else storage_filesystem_path(storage)  # trials run elsewhere
+    job = TrialJob(plan, os.getcwd(), trial_storage, name, max_failures, cpus)
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": TRIAL_CPU})
     if base.run.val_freq > 1:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # epochs without validation lack the metric
     log.info("search %s: %d trials at once, %s CPU per training worker", name, concurrent, cpus or "1")
     if resume:
         _wandb_callbacks(wandb, base.run.wandb_project, name)  # the restored callback needs its environment
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=filesystem)
     else:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / SEARCH_FILE, {"plan": plan.to_dict(), "wandb": wandb})
@@ -259,22 +262,30 @@ def run_search(plan: SearchPlan, *, storage: str, name: str, wandb: str = "off",
                                                                          max_concurrent=concurrent),
                                         trial_name_creator=_trial_folder_of,
                                         trial_dirname_creator=_trial_folder_of),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path(storage), verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=storage_filesystem_path(storage),
+                                      storage_filesystem=filesystem, verbose=1,
                                       callbacks=[*_wandb_callbacks(wandb, base.run.wandb_project, name),
                                                  *callbacks]))
     tuner.fit()
-    results = collect_results(plan, name, experiment, storage)
+    results = collect_results(plan, name, storage)
     files = write_results(results, folder)
     if any(trial.curve(plan.metric) for trial in results.trials):
         files["plot"] = plot_search(results, folder / PLOT_FILE)
     return SearchOutcome(results, folder, files)
 
 
-def collect_results(plan: SearchPlan, name: str, experiment: str, storage: str) -> SearchResults:
+def experiment_path(storage: str, name: str) -> str:
+    """The Tune experiment folder of a search, inside `storage_filesystem(storage)` for a URI."""
+    return f"{storage_filesystem_path(storage).rstrip('/')}/{name}"
+
+
+def collect_results(plan: SearchPlan, name: str, storage: str) -> SearchResults:
     """Every trial of the search as Ray Tune recorded it (its state and each trial's result.json)."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(experiment, default_metric=plan.metric, default_mode=plan.mode)
+    analysis = ExperimentAnalysis(experiment_path(storage, name),
+                                  storage_filesystem=storage_filesystem(storage),
+                                  default_metric=plan.metric, default_mode=plan.mode)
     frames = analysis.trial_dataframes
     base = plan.base_config()
     trials = []

@@ -21,6 +21,7 @@ import ray
 import ray.train
 from ray.train import Checkpoint
 
+from amldist import node_cache
 from amldist.checkpoints import save_checkpoint
 from amldist.config import Config, config_to_dict
 from amldist.miner_actor import MinerClient
@@ -28,6 +29,7 @@ from amldist.training.epoch import Trainer
 from amldist.training.grid import negatives_grid
 from amldist.training.negatives_log import append_negatives
 from amldist.training.paths import TrainingPaths
+from amldist.training.remote_paths import WORKER_INPUTS
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
 from amldist.training.validation import higher_is_better, selection_metric
 from amldist.wandb_log import RunLog
@@ -76,7 +78,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     miner = MinerClient.connect(job.miner) if job.miner else None
-    trainer = Trainer(job.config, job.paths, miner, device=ray.train.torch.get_device(),
+    paths = node_cache.localize(job.paths, WORKER_INPUTS)  # inputs at URIs: this node's checked copies
+    trainer = Trainer(job.config, paths, miner, device=ray.train.torch.get_device(),
                       wrap=ray.train.torch.prepare_model, rank=rank, world_size=world_size)
     progress, restored = _restore(trainer, job)
     run_log = _open_run_log(job, progress) if rank == 0 else None

@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
-    """The small synthetic training set with a random teacher's feature stores (tests/training_data.py),
+    """The small synthetic training set with a random teacher's feature stores (tests/train_data.py),
     built once per session for every Ray test module."""
-    from training_data import build_data_root
+    from train_data import make_train_data
 
-    return build_data_root(tmp_path_factory.mktemp("train-data"))
+    return make_train_data(tmp_path_factory.mktemp("train-data"))

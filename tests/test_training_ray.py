@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 import pytest
-from training_data import make_config
+from train_data import make_config
 
 from amldist.checkpoints import safe_torch_load
 from amldist.miner_actor import Miner, MinerClient

@@ -1,5 +1,5 @@
 """Hyper-parameter search: search-space parsing and checks (no Ray), the results table and best preset from
-plain trial records, and real searches with Ray Tune on the small synthetic set (tests/training_data.py):
+plain trial records, and real searches with Ray Tune on the small synthetic set (tests/train_data.py):
 ASHA stopping a trial early without leaking its placement group, the best preset training, and an
 interrupted search resumed."""
 
@@ -241,3 +241,15 @@ def test_a_restarted_trial_reports_its_checkpointed_epochs_before_the_ones_it_tr
     run_trial({"optim.lr": 1e-3}, TrialJob(plan, str(tmp_path), str(tmp_path), "search", 0, None))
     assert started == [(str(tmp_path), "search/trial_a")]
     assert [(r["epoch"], r["val_map_asym"]) for r in reported] == [(0, 10.0), (1, 11.0), (2, 12.0)]
+
+
+def test_a_trial_config_takes_its_relative_paths_from_the_search_folder(tmp_path):
+    from amldist.training.paths import with_absolute_paths
+
+    config = config_from_dict({"data": {"root": "data/synth", "teacher_features": "s3://bucket/features"},
+                               "model": {"teacher": "vgg16"}, "run": {"out_dir": "runs"}})
+    moved = with_absolute_paths(config, tmp_path)
+    assert moved.data.root == str(tmp_path / "data" / "synth") and moved.run.out_dir == str(tmp_path / "runs")
+    assert moved.data.teacher_features == "s3://bucket/features" and moved.model.teacher == "vgg16"
+    assert with_absolute_paths(config_from_dict({"model": {"teacher": "nets/t.pth"}}),
+                               tmp_path).model.teacher == str(tmp_path / "nets" / "t.pth")

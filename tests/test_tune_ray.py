@@ -1,4 +1,4 @@
-"""Searches with Ray Tune on the small synthetic set (tests/training_data.py), each trial a 2-worker Ray Train
+"""Searches with Ray Tune on the small synthetic set (tests/train_data.py), each trial a 2-worker Ray Train
 run: a 3-trial ASHA search that stops a trial early and leaves no placement group behind, its results and
 best preset (which then trains an epoch), and a search interrupted by Ctrl-C and resumed."""
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from training_data import config_dict
+from train_data import config_dict
 
 from amldist.config import load_config
 from amldist.tuning.plan import SearchSettings, plan_search

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from amldist.errors import UserError, require  # noqa: F401  (commands import require from here)
+from amldist.errors import require
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,5 +1,5 @@
 """`amldist data ...`: download real datasets, import your own, synthesise landmark datasets, write WebDataset
-shards."""
+shards, upload to an object store."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ DATA_COMMAND_MODULES = (
     "amldist.cli.data_import",
     "amldist.cli.data_shards",
     "amldist.cli.data_synth",
+    "amldist.cli.data_upload",
 )
 
 

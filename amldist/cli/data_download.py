@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from amldist.cli.common import add_command, non_negative_int, positive_float, require
+from amldist.cli.common import add_command, non_negative_int, positive_float
 from amldist.datasets import download, layout, urls
+from amldist.errors import require
 
 
 def register(data_subparsers) -> None:

@@ -6,9 +6,9 @@ import argparse
 import re
 from pathlib import Path
 
-from amldist.cli.common import add_command, existing_dir, non_negative_int, positive_int, require
+from amldist.cli.common import add_command, existing_dir, non_negative_int, positive_int
 from amldist.datasets import layout
-from amldist.errors import UserError
+from amldist.errors import UserError, require
 from amldist.shards import (
     DEFAULT_QUALITY,
     DEFAULT_SHARD_BYTES,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from amldist.cli.common import add_command, existing_dir, existing_file, positive_int, require
+from amldist.cli.common import add_command, existing_dir, existing_file, positive_int
+from amldist.errors import require
 
 
 def register(subparsers) -> None:

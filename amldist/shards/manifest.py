@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from amldist import storage
 from amldist.datasets import layout
 from amldist.errors import UserError
 
@@ -71,11 +72,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def read_manifest(split_dir: str | Path) -> dict[str, Any]:
     """The manifest of one split folder; UserError when it is missing, unreadable or too new."""
-    path = Path(split_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"no shard manifest in {split_dir} (write shards with `amldist data shards`)")
+    path = storage.join(split_dir, MANIFEST_NAME)  # a local path or an object-store URI
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"no shard manifest in {split_dir} (write shards with `amldist data shards`)"
+                        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"unreadable shard manifest {path}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from amldist import storage
 from amldist.errors import UserError
 from amldist.shards import manifest as mf
 
@@ -35,11 +36,13 @@ class ShardReader:
 
     Cheap to pickle (only the folder and the manifest travel); each process loads the index table
     (memory-mapped) and opens the shard files on first use, so it can be handed to DataLoader and
-    Ray workers. Reads use os.pread, which needs no shared file position.
+    Ray workers. Reads use os.pread, which needs no shared file position. Given an object-store URI
+    (`amldist.storage`), each member is one ranged read of the stored shard instead.
     """
 
     def __init__(self, split_dir: str | Path):
-        self.split_dir = Path(split_dir)
+        self.remote = storage.is_uri(split_dir)
+        self.split_dir = str(split_dir).rstrip("/") if self.remote else Path(split_dir)
         self.manifest = mf.read_manifest(self.split_dir)
         self.num_corrupt = 0
         self._reset_process_state()
@@ -56,6 +59,7 @@ class ShardReader:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.split_dir, self.manifest = state["split_dir"], state["manifest"]
+        self.remote = storage.is_uri(self.split_dir)
         self.num_corrupt = 0
         self._reset_process_state()
 
@@ -72,9 +76,12 @@ class ShardReader:
         return self._table
 
     def _load_table(self) -> np.ndarray:
-        path = self.split_dir / self.manifest.get("index_file", mf.INDEX_NAME)
+        path = storage.join(self.split_dir, self.manifest.get("index_file", mf.INDEX_NAME))
         try:
-            table = np.load(path, mmap_mode="r", allow_pickle=False)
+            if self.remote:
+                table = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+            else:
+                table = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise UserError(f"unreadable shard index {path}: {err}") from None
         if (table.dtype.kind not in "iu" or table.ndim != 2 or table.shape[1] != len(mf.INDEX_COLUMNS)
@@ -133,18 +140,23 @@ class ShardReader:
             raise KeyError(f"sample {index!r} is not in {self.split_dir}")
         return table[row_of[index]]
 
-    def _fd(self, shard: int) -> int:
+    def _fd(self, shard: int) -> Any:
+        """The open shard: a file descriptor, or a store's random-access file (see _pread)."""
         with self._lock:
             if shard not in self._fds:
-                name = self.manifest["shards"][shard]["name"]
-                self._fds[shard] = os.open(self.split_dir / name, os.O_RDONLY)
+                path = storage.join(self.split_dir, self.manifest["shards"][shard]["name"])
+                self._fds[shard] = storage.open_ranged(path) if self.remote else os.open(path, os.O_RDONLY)
             return self._fds[shard]
+
+    def _pread(self, shard: int, size: int, offset: int) -> bytes:
+        handle = self._fd(shard)
+        return handle.read_at(size, offset) if self.remote else os.pread(handle, size, offset)
 
     def _read_member(self, index: int, member: str) -> bytes:
         row = self._row(index)
         offset, size = int(row[mf.COLUMN[f"{member}_offset"]]), int(row[mf.COLUMN[f"{member}_size"]])
         try:
-            data = os.pread(self._fd(int(row[mf.COLUMN["shard"]])), size, offset)
+            data = self._pread(int(row[mf.COLUMN["shard"]]), size, offset)
         except OSError as err:
             raise self._corrupt(index, member, err) from None
         if len(data) != size:
@@ -182,7 +194,10 @@ class ShardReader:
         fds, self._fds = getattr(self, "_fds", {}), {}  # getattr: __init__ may have failed early
         if getattr(self, "_pid", None) == os.getpid():  # a forked copy must not close the parent's files
             for fd in fds.values():
-                os.close(fd)
+                if isinstance(fd, int):
+                    os.close(fd)
+                else:
+                    fd.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
@@ -237,6 +252,28 @@ def _sample_tuple(sample: dict[str, Any], decode: bool):
     return int(meta["index"]), image, meta
 
 
+def _open_store_shards(src: Iterable[dict[str, Any]], handler) -> Iterable[dict[str, Any]]:
+    """WebDataset's url_opener for object-store URIs (its own opener knows only pipes, http and gsutil)."""
+    for sample in src:
+        try:
+            yield {**sample, "stream": storage.open_stream(sample["url"])}
+        except OSError as err:
+            if not handler(err):
+                break
+
+
+def _store_tarfile_to_samples(handler):
+    """wds.tarfile_to_samples with shards opened by `amldist.storage` (same expansion and grouping)."""
+    from webdataset import tariterators
+
+    def stage(src):
+        streams = _open_store_shards(src, handler)
+        files = tariterators.tar_file_expander(streams, handler=handler)
+        return tariterators.group_by_keys(files, handler=handler)
+
+    return stage
+
+
 def stream_samples(split_dir: str | Path, *, shuffle: bool | int = False, seed: int = 0, epoch: int = 0,
                    split_by_node: bool = True, split_by_worker: bool = True, decode: bool = True):
     """A WebDataset pipeline yielding (index, PIL RGB image, meta) (JPEG bytes with decode=False).
@@ -244,13 +281,13 @@ def stream_samples(split_dir: str | Path, *, shuffle: bool | int = False, seed: 
     shuffle: False, or a sample-buffer size (True means 1000); shards are shuffled too, both with
     seed + epoch, so build one pipeline per epoch. split_by_node splits shards by RANK/WORLD_SIZE
     (or torch.distributed); split_by_worker by DataLoader worker. Corrupt samples are skipped and
-    counted in `pipeline.corrupt.count` (per process).
+    counted in `pipeline.corrupt.count` (per process). `split_dir` may be an object-store URI: each
+    shard is then one streamed GET (`amldist.storage`).
     """
     import webdataset as wds  # deferred: it imports torch's data stack, which shard writers do not need
 
-    split_dir = Path(split_dir)
     manifest = mf.read_manifest(split_dir)
-    urls = [str(split_dir / shard["name"]) for shard in manifest["shards"] if shard["count"] > 0]
+    urls = [storage.join(split_dir, shard["name"]) for shard in manifest["shards"] if shard["count"] > 0]
     buffer = DEFAULT_SHUFFLE_BUFFER if shuffle is True else int(shuffle)
     counter = CorruptCounter(str(split_dir))
     stages: list[Any] = [wds.SimpleShardList(urls)]
@@ -260,7 +297,8 @@ def stream_samples(split_dir: str | Path, *, shuffle: bool | int = False, seed: 
         stages.append(wds.split_by_node)
     if split_by_worker:
         stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples(handler=counter))
+    stages.append(wds.tarfile_to_samples(handler=counter) if not storage.is_uri(split_dir)
+                  else _store_tarfile_to_samples(counter))
     if buffer > 0:
         stages.append(wds.shuffle(buffer, initial=min(buffer, 100), seed=seed + epoch))
     stages.append(wds.map(functools.partial(_sample_tuple, decode=decode), handler=counter))

@@ -17,11 +17,13 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
+from amldist import node_cache
 from amldist.config.resolve import TEACHER_FILE_SUFFIXES
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
 from amldist.feature_store import FeatureStore, file_sha256
 from amldist.nets import OUTPUT_CHANNELS, TEACHERS, has_imagenet_weights, imagenet_state_dict
+from amldist.storage import is_uri, local_path
 from amldist.training.plan import SplitLabels
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ def features_command(config, split_dir: Path, out: Path) -> str:
 
 def resolve_paths(config) -> TrainingPaths:
     """Check every input of a run exists; UserError naming the command that creates a missing one."""
+    from amldist.training.remote_paths import resolve_remote_paths, uses_object_store
+
+    if uses_object_store(config):  # URIs: the same layout, checked in the store
+        return resolve_remote_paths(config)
     data = config.data
     db_file = _absolute(layout.train_db_path(data.root, data.dataset))  # workers run in other folders
     if not db_file.is_file():
@@ -108,9 +114,11 @@ def resolve_paths(config) -> TrainingPaths:
 def with_absolute_paths(config, cwd: str | Path):
     """The config with its relative paths (data root, shards, teacher stores, a teacher network file, the
     run folder base) taken relative to `cwd`: for a run whose driver works elsewhere (a Ray Tune trial
-    runs in its trial folder)."""
+    runs in its trial folder). Object-store URIs stay as they are."""
     def absolute(value: str | None) -> str | None:
-        return None if value is None else str((Path(cwd) / Path(value).expanduser()).resolve())
+        if value is None or is_uri(value):
+            return value
+        return str((Path(cwd) / local_path(value).expanduser()).resolve())
 
     data, model = config.data, config.model
     teacher = model.teacher if model.teacher in TEACHERS else absolute(model.teacher)
@@ -186,11 +194,15 @@ def prepare_inputs(config, num_feature_workers: int = 0) -> tuple[TrainingPaths,
     """Check data, shards and teacher stores (computing the val store if needed); fetch ImageNet weights.
     Runs once on the driver, before any trainer starts. Returns the paths and the training split's labels
     (read here anyway; the miner needs them)."""
+    from amldist.training.remote_paths import DRIVER_INPUTS
+
     paths = resolve_paths(config)
-    train_labels, val_labels = read_labels(paths)
-    if paths.train_store is not None:
-        store = check_train_store(config, paths, train_labels.num_images, student_dim(config))
-        ensure_val_store(config, paths, store, val_labels.num_images, num_workers=num_feature_workers)
+    # Inputs in an object store: this node's copies of what the driver reads (workers make their own).
+    local = node_cache.localize(paths, DRIVER_INPUTS)
+    train_labels, val_labels = read_labels(local)
+    if local.train_store is not None:
+        store = check_train_store(config, local, train_labels.num_images, student_dim(config))
+        ensure_val_store(config, local, store, val_labels.num_images, num_workers=num_feature_workers)
     if config.model.pretrained and has_imagenet_weights(config.model.arch):
         imagenet_state_dict(config.model.arch)  # once here, so workers find the weights in the hub cache
     return paths, train_labels

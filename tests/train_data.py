@@ -1,6 +1,7 @@
-"""The small synthetic training set the Ray tests share (built once per session by conftest's `data_root`):
-64 px images of 10 training landmarks, a random small_cnn teacher and its feature stores, and the config
-of a run on it."""
+"""A small synthetic training set for the Ray tests: 64 px images, a random small_cnn teacher and its
+feature stores, and the run config the tests train with (conftest's `data_root` builds one per session)."""
+
+from pathlib import Path
 
 import torch
 
@@ -21,8 +22,8 @@ PRESET = synth_presets.Preset(
     lookalike_views=0, other_landmarks=0, other_views=1, distractors=1)
 
 
-def build_data_root(root):
-    """Synthesise, shard, and compute the teacher's features (train and val) under `root`."""
+def make_train_data(root: Path) -> Path:
+    """Synthesise, shard, and compute the teacher's features (train and val) into `root` (~2 s)."""
     synth_presets.PRESETS[PRESET.name] = PRESET
     try:
         generate(root, PRESET.name, seed=0, workers=1)

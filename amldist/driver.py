@@ -56,7 +56,8 @@ def start_ray(local: bool) -> None:
         # Ray's state API, which Ray Train's placement-group cleaner calls from a detached actor, finds the
         # cluster by scanning this machine's processes and gives up when several Ray instances run here
         # (other users, test sessions); then a trial that Tune stops leaks its workers' placement group.
-        # The dashboard's address, set before Ray starts, reaches every Ray process.
+        # The dashboard's address, set before Ray starts, reaches every Ray process (and stays set in this
+        # one: Ray's clients here then reach this cluster too).
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(dashboard_port=port, **quiet)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -56,7 +57,15 @@ def start_ray(local: bool) -> None:
         os.environ.setdefault(key, value)
     quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR")}
     if local:
-        ray.init(address="local", **quiet)  # not a cluster someone started on this machine with `ray start`
+        # Ray's state API, which Ray Train's placement-group cleaner calls from a detached actor, finds the
+        # cluster by scanning this machine's processes and gives up when several Ray instances run here
+        # (other users, test sessions); then a trial that Tune stops leaks its workers' placement group.
+        # The dashboard's address, set before Ray starts, reaches every Ray process (and stays set in this
+        # one: Ray's clients here then reach this cluster too). address="local": not a cluster someone
+        # started on this machine with `ray start`.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", dashboard_port=port, **quiet)
         return
     try:
         ray.init(address="auto", **quiet)
@@ -90,14 +99,16 @@ def _user_error(error: Exception) -> str | None:
 def run_training(config: Config, *, storage: str, name: str, callbacks: list | None = None,
                  wandb: str = "off", resume_from: str | None = None,
                  max_failures: int = DEFAULT_MAX_FAILURES, image_every: int = DEFAULT_IMAGE_EVERY,
-                 pause_at_epoch: int | None = None):
+                 pause_at_epoch: int | None = None, cpus_per_worker: float | None = None):
     """Train one run (a finalized `Config`) on the connected Ray cluster; returns the `ray.train.Result`.
 
     storage: local folder or URI (RunConfig.storage_path); the run lives in `<storage>/<name>`, and a
     re-run with the same storage and name continues it. wandb: off, offline or online (see wandb_log).
     resume_from: a checkpoint file to start from when the run has none of its own. max_failures: worker
     group restarts after a failure that is not a UserError. pause_at_epoch: a test hook
-    (`amldist.worker._pause_for_a_kill`). Raises UserError for bad inputs and for a worker's UserError.
+    (`amldist.worker._pause_for_a_kill`). cpus_per_worker: the CPUs Ray reserves for each worker (default
+    1); a search gives its trials fractions so that several fit beside each other. Raises UserError for
+    bad inputs and for a worker's UserError.
     """
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a running Ray (ray.init) first")
@@ -122,7 +133,8 @@ def run_training(config: Config, *, storage: str, name: str, callbacks: list | N
                         pause_at_epoch=pause_at_epoch)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=job.to_loop_config(),
-            scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu),
+            scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
+                                         resources_per_worker=_worker_resources(config, cpus_per_worker)),
             run_config=RunConfig(name=name, callbacks=[*(callbacks or []), StopOnUserError()],
                                  storage_path=storage_filesystem_path(storage),
                                  storage_filesystem=storage_filesystem(storage),  # endpoint settings of a URI
@@ -171,6 +183,18 @@ def _warn_uneven_batch(batch_size: int, num_workers: int) -> None:
                     "a multiple of %d keeps them all busy",
                     batch_size, num_workers, busiest_rank_tuples(batch_size, num_workers),
                     100 * idle, num_workers)
+
+
+def _worker_resources(config: Config, cpus: float | None) -> dict[str, float] | None:
+    if cpus is None:
+        return None  # Ray's default: 1 CPU, or 1 GPU with use_gpu
+    return {"CPU": cpus, **({"GPU": 1} if config.run.use_gpu else {})}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _single_node() -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from amldist.errors import UserError, require
 from amldist.storage import is_uri, local_path
 from amldist.training.state import CHECKPOINT_FILE, checkpoint_file, load_epochs_done
+from amldist.wandb_log import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ def newest_readable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
             continue
         return folder, skipped
     return None, skipped
+
+
+def checkpointed_records(run_dir: Path) -> list[dict]:
+    """The metrics.jsonl records of the epochs the run's last checkpoint holds: what a continued run will
+    not train again. Empty for a run without checkpoints (or with them in a storage URI)."""
+    newest, _ = newest_readable_checkpoint(run_dir)  # the one the continued run restores
+    if newest is None:
+        return []
+    done = load_epochs_done(newest / CHECKPOINT_FILE)
+    return [record for record in read_metrics(run_dir) if isinstance(record.get("epoch"), int)
+            and record["epoch"] < done]
 
 
 def check_resume(storage: str | Path, name: str, resume: str | None, epochs: int) -> str | None:

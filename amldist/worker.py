@@ -41,6 +41,7 @@ from amldist.training.negatives_log import append_negatives
 from amldist.training.paths import TrainingPaths
 from amldist.training.remote_paths import WORKER_INPUTS
 from amldist.training.state import BEST_FILE, CHECKPOINT_FILE, Progress, save_training_state
+from amldist.training.validation import higher_is_better, selection_metric
 from amldist.wandb_log import RunLog, append_event
 
 log = logging.getLogger(__name__)
@@ -238,11 +239,7 @@ def _folder_name(path: str) -> str:
 
 
 def _best_metric(trainer: Trainer) -> str:
-    """The validation score that picks the best model: asym mAP when the student is trained against the
-    teacher's space (asym labelled losses, regression), else sym mAP; the loss without validation."""
-    if not trainer.config.run.val_freq:
-        return "loss"
-    return "val_map_asym" if trainer.family.asym and trainer.paths.val_store else "val_map_sym"
+    return selection_metric(trainer.config, has_teacher_store=trainer.paths.val_store is not None)
 
 
 def _open_run_log(job: WorkerJob, progress: Progress) -> RunLog:
@@ -298,7 +295,7 @@ def _track_best(trainer: Trainer, progress: Progress, metrics: dict, run_dir: Pa
     score = metrics.get(name)
     if score is None or not np.isfinite(score):
         return
-    if progress.better(float(score), higher_is_better=name != "loss"):
+    if progress.better(float(score), higher_is_better=higher_is_better(name)):
         progress.best_score, progress.best_epoch = float(score), int(metrics["epoch"])
         save_checkpoint(run_dir / BEST_FILE, trainer.net, epoch=progress.epochs_done,
                         config=config_to_dict(trainer.config), metrics={"best": {name: float(score)}})

@@ -70,3 +70,16 @@ def read_only_dir(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "open", open_)
     yield folder
     folder.chmod(0o755)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_dashboard_address():
+    """`start_ray(local=True)` points this process's Ray clients (state API, job client) at its dashboard
+    through RAY_API_SERVER_ADDRESS; a test module that started one must not leave that address to the
+    modules after it, whose clusters are others (Ray's clients prefer the variable to an address given)."""
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    yield
+    if before is None:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    else:
+        os.environ["RAY_API_SERVER_ADDRESS"] = before

@@ -87,7 +87,10 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, **(extra_env or {}), "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled"}
+    # This head is its own cluster: an address another one left in this process's environment (an
+    # earlier test's `start_ray(local=True)` sets RAY_API_SERVER_ADDRESS to its dashboard) is stale.
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
     command = [str(Path(venv_bin) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", str(num_cpus),
                "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats",

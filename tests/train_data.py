@@ -1,5 +1,5 @@
 """A small synthetic training set for the Ray tests: 64 px images, a random small_cnn teacher and its
-feature stores, and the run config the tests train with."""
+feature stores, and the run config the tests train with (conftest's `data_root` builds one per session)."""
 
 from pathlib import Path
 
@@ -42,15 +42,21 @@ def shard_folder(root):
     return root / "shards" / f"retrieval-SfM-120k-{IMAGE_SIZE}"
 
 
-def make_config(root, loss, epochs=4, mining=None, data=None, **run):
-    """The tests' run config; `mining` and `data` update those sections, `run` keys the run section."""
+def config_dict(root, loss, epochs=4, mining=None, data=None, **run):
+    """The unresolved config of a run on the set (a search varies keys of it); `mining` and `data` update
+    those sections, `run` keys the run section."""
     loss_section = {"name": loss}
     if loss.startswith("contr"):
         loss_section["asym"] = loss == "contrastive_plus"
-    return config_from_dict({
+    return {
         "data": {"root": str(root), "image_size": IMAGE_SIZE, "workers": 0, **(data or {})},
         "model": {"arch": "small_cnn", "pretrained": False, "teacher": str(root / "teacher.pth")},
         "loss": loss_section,
         "mining": {"num_negatives": 3, "queries_per_epoch": 60, "pool_size": 60, **(mining or {})},
         "optim": {"optimizer": "adam", "lr": 1e-3},
-        "run": {"epochs": epochs, "batch_size": 10, "num_workers": 2, **run}})
+        "run": {"epochs": epochs, "batch_size": 10, "num_workers": 2, **run}}
+
+
+def make_config(root, loss, epochs=4, mining=None, data=None, **run):
+    """The tests' run config (finalized)."""
+    return config_from_dict(config_dict(root, loss, epochs, mining, data, **run))

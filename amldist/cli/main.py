@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "amldist.cli.features",
     "amldist.cli.eval",
     "amldist.cli.train",
+    "amldist.cli.tune",
     "amldist.cli.demo",
 )
 

@@ -18,9 +18,17 @@ from amldist.config.cli import (
     config_from_dict,
     load_config,
     parse_set,
+    raw_config_from_args,
     with_overrides,
 )
-from amldist.config.presets import list_presets, preset_dict, preset_path, presets_dir
+from amldist.config.presets import (
+    TUNE_SECTION,
+    list_presets,
+    preset_dict,
+    preset_path,
+    preset_sections,
+    presets_dir,
+)
 from amldist.config.resolve import TEACHER_DIMS, loss_options
 from amldist.config.schema import (
     Config,
@@ -46,9 +54,9 @@ def build_loss_from_config(config: Config) -> TupleLoss:
 
 
 __all__ = [
-    "AML_FLAGS", "AML_MODES", "TEACHER_DIMS", "Config", "DataConfig", "LossConfig", "MiningConfig",
-    "ModelConfig", "OptimConfig", "RunConfig", "add_config_arguments", "apply_overrides",
-    "build_loss_from_config", "config_from_args",
-    "config_from_dict", "config_to_dict", "config_to_yaml", "list_presets", "load_config", "load_preset",
-    "loss_options", "parse_set", "preset_dict", "preset_path", "presets_dir", "with_overrides",
+    "AML_FLAGS", "AML_MODES", "TEACHER_DIMS", "TUNE_SECTION", "Config", "DataConfig", "LossConfig",
+    "MiningConfig", "ModelConfig", "OptimConfig", "RunConfig", "add_config_arguments", "apply_overrides",
+    "build_loss_from_config", "config_from_args", "config_from_dict", "config_to_dict", "config_to_yaml",
+    "list_presets", "load_config", "load_preset", "loss_options", "parse_set", "preset_dict", "preset_path",
+    "preset_sections", "presets_dir", "raw_config_from_args", "with_overrides",
 ]

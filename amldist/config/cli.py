@@ -110,9 +110,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> Config:
     """The finalized Config a parsed command line describes; `extra` (typed dotted keys, e.g. a command's
     own flags such as {"run.num_workers": 4}) applies last."""
+    return config_from_dict(raw_config_from_args(args, extra))
+
+
+def raw_config_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The unresolved nested dict behind `config_from_args` (a search varies keys of it before resolving)."""
     base = preset_dict(args.preset) if getattr(args, "preset", None) else {}
     overrides = aml_overrides(args) + [parse_set(text) for text in getattr(args, "overrides", []) or []]
-    return config_from_dict(apply_overrides(base, [*overrides, *(extra or {}).items()]))
+    return apply_overrides(base, [*overrides, *(extra or {}).items()])
 
 
 def load_config(preset: str, sets: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> Config:

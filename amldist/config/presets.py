@@ -12,6 +12,7 @@ from amldist.errors import UserError
 
 PRESETS_ENV = "AMLDIST_PRESETS_DIR"
 PRESET_SUFFIX = ".yaml"
+TUNE_SECTION = "tune"
 
 
 def presets_dir() -> Path:
@@ -42,7 +43,13 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def preset_dict(name_or_path: str) -> dict[str, Any]:
-    """The raw (unresolved) nested dict of a preset; run.name defaults to the preset's file name."""
+    """The raw (unresolved) nested dict of a preset; run.name defaults to the preset's file name. A `tune:`
+    section (a hyper-parameter search's settings, `amldist.tuning`) is not part of the run's config."""
+    return preset_sections(name_or_path)[0]
+
+
+def preset_sections(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the raw config dict, the `tune:` section or None) of a preset name or YAML file."""
     path = preset_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -54,8 +61,9 @@ def preset_dict(name_or_path: str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"--preset: {path} must hold a mapping of sections")
+    tune = data.pop(TUNE_SECTION, None)
     run = data.setdefault("run", {}) or {}
     if isinstance(run, dict) and run.get("name") is None:
         run["name"] = path.stem
         data["run"] = run
-    return data
+    return data, tune

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 from amldist import node_cache
@@ -25,6 +25,7 @@ from amldist.errors import UserError
 from amldist.feature_store import ChecksumMismatch, FeatureStore, file_sha256
 from amldist.nets import OUTPUT_CHANNELS, TEACHERS, has_imagenet_weights, imagenet_state_dict
 from amldist.shards.manifest import check_shard_files, read_manifest
+from amldist.storage import is_uri, local_path
 from amldist.training.plan import SplitLabels
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,23 @@ def resolve_paths(config) -> TrainingPaths:
     for split in (paths.train_shards, paths.val_shards):  # a missing shard: found now, not mid-epoch
         check_shard_files(split, read_manifest(split))
     return paths
+
+
+def with_absolute_paths(config, cwd: str | Path):
+    """The config with its relative paths (data root, shards, teacher stores, a teacher network file, the
+    run folder base) taken relative to `cwd`: for a run whose driver works elsewhere (a Ray Tune trial
+    runs in its trial folder). Object-store URIs stay as they are."""
+    def absolute(value: str | None) -> str | None:
+        if value is None or is_uri(value):
+            return value
+        return str((Path(cwd) / local_path(value).expanduser()).resolve())
+
+    data, model = config.data, config.model
+    teacher = model.teacher if model.teacher in TEACHERS else absolute(model.teacher)
+    data = replace(data, root=absolute(data.root), shards=absolute(data.shards),
+                   teacher_features=absolute(data.teacher_features))
+    return replace(config, data=data, model=replace(model, teacher=teacher),
+                   run=replace(config.run, out_dir=absolute(config.run.out_dir)))
 
 
 def _absolute(path: Path) -> Path:

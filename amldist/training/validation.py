@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amldist.evaluate import compute_map, rank_database
+from amldist.training.family import tuple_family
 from amldist.training.plan import SplitLabels
 
 
@@ -49,3 +50,17 @@ class ValidationSet:
         if teacher_db is not None:
             out["val_map_asym"] = self.mean_ap(teacher_db, queries)
         return out
+
+
+def selection_metric(config, has_teacher_store: bool) -> str:
+    """The validation score that picks a run's best model (and a search's best trial): asym mAP when the
+    student is trained against the teacher's space (asym labelled losses, regression) and the run has the
+    teacher's val vectors, else sym mAP; the training loss when the run never validates (run.val_freq 0)."""
+    if not config.run.val_freq:
+        return "loss"
+    return "val_map_asym" if tuple_family(config).asym and has_teacher_store else "val_map_sym"
+
+
+def higher_is_better(metric: str) -> bool:
+    """val mAP rises as a run improves, the loss falls."""
+    return metric != "loss"

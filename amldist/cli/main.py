@@ -23,6 +23,10 @@ COMMAND_MODULES = (
     "amldist.cli.features",
     "amldist.cli.eval",
     "amldist.cli.train",
+    "amldist.cli.export",
+    "amldist.cli.index",
+    "amldist.cli.search",
+    "amldist.cli.serve",
     "amldist.cli.demo",
 )
 

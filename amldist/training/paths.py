@@ -132,6 +132,13 @@ def store_expectations(config, split: str, count: int) -> dict:
     return expected
 
 
+def teacher_record(store_dir: str | Path) -> dict:
+    """The teacher a student trained on this store learns the space of, as its meta records it
+    (`nets.meta.TEACHER_KEY`): the sha256 of the teacher file that computed the store, and what it is."""
+    manifest = FeatureStore.open(store_dir, verify=False).manifest
+    return {key: manifest[key] for key in ("network_sha256", "architecture", "dim", "network")}
+
+
 def check_train_store(config, paths: TrainingPaths, num_images: int, student_dim: int) -> FeatureStore:
     """Open the train store, require it to match this split and teacher, and its d to be the student's."""
     store = FeatureStore.open(paths.train_store, expected=store_expectations(config, "train", num_images),

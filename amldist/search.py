@@ -185,6 +185,9 @@ def build_faiss_index(vectors: np.ndarray, kind: str = "flat", params: dict[str,
         params = params or ivfpq_parameters(len(vectors), dim)
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"], params["nbits"],
                                  faiss.METRIC_INNER_PRODUCT)
+        # ivfpq_parameters already sizes lists and codes to the gallery; faiss would still warn, once per
+        # sub-quantizer, about small galleries that have fewer than 39 points per code.
+        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
         index.train(vectors)
         index.nprobe = params["nprobe"]
     else:

@@ -189,8 +189,10 @@ def _write_metadata(path: Path, fmt: str, metadata: dict[str, Any]) -> None:
     """Store `metadata` in the written file (TorchScript: re-saved with the extra file; ONNX: metadata_props)."""
     text = json.dumps(metadata)
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
-        torch.jit.save(module, str(path), _extra_files={METADATA_NAME: text})
+        with warnings.catch_warnings():  # TorchScript is marked deprecated in torch 2.14; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+            torch.jit.save(module, str(path), _extra_files={METADATA_NAME: text})
         return
     import onnx
 

@@ -276,7 +276,7 @@ def add_to_index(out: str | Path, gallery: Gallery | None = None, network: str |
     whitening = (IndexWhitening(index.whitening, manifest["whitening"]["source"])
                  if index.whitening is not None else None)
     params, recall, queries = _commit(Path(out), gallery.entries, raw, fields, whitening, settings)
-    removed = len(index.entries) - len(kept)
+    removed = len({name for name, _ in index.entries} - {e.name for e in gallery.entries})
     return BuildReport(Path(out), len(gallery), len(new), len(kept), removed, _index_kind(settings), params, recall,
                        queries, time.perf_counter() - started)
 

@@ -11,6 +11,7 @@ file is a program: load only files you trust, as with any model file that is not
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class CheckpointQuery(QueryNetwork):
 
 
 def _image_and_box(image: Image.Image, bbx: Box | None) -> tuple[np.ndarray, np.ndarray]:
-    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    pixels = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), writable (torch wants that)
     box = (0.0, 0.0, float(pixels.shape[1]), float(pixels.shape[0])) if bbx is None else bbx
     return pixels, np.asarray(box, dtype=np.float32)
 
@@ -141,7 +142,9 @@ def load_query_network(path: str | Path, kind: str | None = None) -> QueryNetwor
     if kind == "torchscript":
         extra = {METADATA_NAME: ""}
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; it still loads and runs
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except RuntimeError as err:
             raise UserError(f"{path}: not a readable TorchScript file ({str(err).splitlines()[0][:200]})") from None
         return TorchScriptQuery(**_described(path, kind, extra[METADATA_NAME]), module=module.eval())

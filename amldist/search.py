@@ -153,7 +153,7 @@ def torch_topk_search(db: np.ndarray, device: str = "cuda", max_scores: int = TO
 # ---------------------------------------------------------------- stored gallery indexes (amldist index)
 
 INDEX_KINDS = ("flat", "ivfpq")
-PQ_BITS = 8                  # bits per PQ code (256 centroids per sub-quantizer), unless the gallery is smaller
+PQ_BITS = 8                  # bits per PQ code (256 centroids per sub-quantizer) unless the gallery is small
 PQ_DIMS_PER_CODE = 8         # one byte per 8 dimensions by default: 1/32 of the float32 vectors
 POINTS_PER_LIST = 39         # faiss's minimum of training points per k-means centroid
 
@@ -183,8 +183,8 @@ def build_faiss_index(vectors: np.ndarray, kind: str = "flat", params: dict[str,
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivfpq":
         params = params or ivfpq_parameters(len(vectors), dim)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"], params["nbits"],
-                                 faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"],
+                                 params["nbits"], faiss.METRIC_INNER_PRODUCT)
         # ivfpq_parameters already sizes lists and codes to the gallery; faiss would still warn, once per
         # sub-quantizer, about small galleries that have fewer than 39 points per code.
         index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
@@ -215,7 +215,8 @@ def read_faiss_index(path):
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:
-        raise UserError(f"{path}: not a readable faiss index ({str(err).strip().splitlines()[-1][:200]})") from None
+        reason = str(err).strip().splitlines()[-1][:200]
+        raise UserError(f"{path}: not a readable faiss index ({reason})") from None
 
 
 def recall_against_flat(index, vectors: np.ndarray, k: int, max_queries: int = 1000) -> tuple[float, int]:
@@ -229,7 +230,8 @@ def recall_against_flat(index, vectors: np.ndarray, k: int, max_queries: int = 1
         return 1.0, 0
     _, approx = index_search(index, vectors[positions], k + 1)
     _, exact = search(vectors, vectors[positions], k + 1)
-    found = [len(set(_others(a, p, k)) & set(_others(e, p, k))) / k for a, e, p in zip(approx, exact, positions)]
+    found = [len(set(_others(a, p, k)) & set(_others(e, p, k))) / k
+             for a, e, p in zip(approx, exact, positions)]
     return float(np.mean(found)), len(positions)
 
 

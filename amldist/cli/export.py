@@ -22,10 +22,11 @@ from amldist.errors import require
 def register(subparsers) -> None:
     from amldist.retrieval.export import CHECK_IMAGES, FORMATS
 
-    parser = add_command(subparsers, "export", "export a student (preprocessing, pooling, whitening included) "
-                         "as TorchScript or ONNX, checked against the checkpoint", run)
+    parser = add_command(subparsers, "export", "export a student (preprocessing, pooling, whitening "
+                         "included) as TorchScript or ONNX, checked against the checkpoint", run)
     parser.add_argument("--network", "--network-path", "-npath", required=True, type=existing_file,
-                        help="the student: an amldist checkpoint (or a cirtorch/aml network file with --image-size)")
+                        help="the student: an amldist checkpoint (or a cirtorch/aml network file with "
+                             "--image-size)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="torchscript (.pt) or onnx (.onnx)")
     parser.add_argument("--out", required=True, type=Path, help="the file to write")
     parser.add_argument("--images", required=True, type=existing_dir,
@@ -59,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
                                   image_size=args.image_size, scales=scales,
                                   whitening=whitening.whitening if whitening else None,
                                   whitening_source=whitening.source if whitening else None)
-    meta = report.metadata
-    teacher = meta["teacher"]
-    print(f"wrote {report.path} ({report.format}, {report.path.stat().st_size / 1e6:.1f} MB): {meta['architecture']}"
-          f" -> {meta['dim']}-D, {meta['image_size']} px, scales {[round(s, 4) for s in meta['scales']]}, whitening "
-          f"{'none' if meta['whitening'] is None else meta['whitening']['sha256'][:12]}, teacher "
-          f"{'none recorded' if not teacher else teacher.get('architecture', '?') + ' ' + teacher['network_sha256'][:12]}")
+    meta, teacher = report.metadata, report.metadata["teacher"]
+    whitened = "none" if meta["whitening"] is None else meta["whitening"]["sha256"][:12]
+    trained = ("none recorded" if not teacher
+               else f"{teacher.get('architecture', '?')} {teacher['network_sha256'][:12]}")
+    print(f"wrote {report.path} ({report.format}, {report.path.stat().st_size / 1e6:.1f} MB): "
+          f"{meta['architecture']} -> {meta['dim']}-D, {meta['image_size']} px, scales "
+          f"{[round(s, 4) for s in meta['scales']]}, whitening {whitened}, teacher {trained}")
     print(report.check.line(report.format))
     return 0

@@ -19,8 +19,8 @@ from amldist.cli.common import add_command, check_output_location, existing_dir,
 
 
 def register(subparsers) -> None:
-    parser = add_command(subparsers, "search", "search a gallery index with a query image and a student network",
-                         run)
+    parser = add_command(subparsers, "search", "search a gallery index with a query image and a student "
+                         "network", run)
     parser.add_argument("--index", required=True, type=existing_dir, help="an index folder (amldist index)")
     parser.add_argument("--query-network", required=True, type=existing_file,
                         help="the student: an amldist checkpoint or an `amldist export` file (.pt or .onnx)")
@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--bbx", default=None, help="query box x1,y1,x2,y2 in the image's pixels")
     parser.add_argument("-k", type=positive_int, default=10, help="results to show (default 10)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--contact-sheet", type=Path, default=None, help="write the query and results as a PNG")
+    parser.add_argument("--contact-sheet", type=Path, default=None,
+                        help="write the query and results as a PNG")
     parser.add_argument("--skip-teacher-check", action="store_true",
                         help="query even with a network that records no teacher or another one")
 
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     hits = searcher.search(image, bbx, args.k)
     if args.json:
         print(json.dumps({"query": str(args.image), "bbx": bbx, "k": args.k, "index": str(args.index),
-                          "query_network": str(args.query_network), "results": [h.as_dict() for h in hits]}, indent=1))
+                          "query_network": str(args.query_network),
+                          "results": [h.as_dict() for h in hits]}, indent=1))
     else:
         print(searcher.describe())
         for hit in hits:

@@ -27,8 +27,10 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="queries computed at once (default 2)")
-    parser.add_argument("--max-upload-mb", type=positive_int, default=20, help="largest upload (default 20 MB)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="queries computed at once (default 2)")
+    parser.add_argument("--max-upload-mb", type=positive_int, default=20,
+                        help="largest upload (default 20 MB)")
     parser.add_argument("--skip-teacher-check", action="store_true",
                         help="serve even a network that records no teacher or another one")
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     searcher = AsymmetricSearch(GalleryIndex.open(args.index), load_query_network(args.query_network),
                                 skip_teacher_check=args.skip_teacher_check)
     if args.host != LOOPBACK:
-        log.warning("listening on %s: other machines can reach this endpoint (it has no authentication)", args.host)
+        log.warning("listening on %s: other machines can reach this endpoint (it has no authentication)",
+                    args.host)
     print(searcher.describe())
     print(f"serving on http://{args.host}:{args.port} (POST /search, GET /health); Ctrl-C stops", flush=True)
     serve(searcher, args.host, args.port, args.threads, args.max_upload_mb << 20)

@@ -153,19 +153,23 @@ def _sheet(index, network: Path, truth: formats.GroundTruth, queries: list, path
     marks = [None if h.name in junk else h.name in _positives(truth, 0) for h in hits]
     gallery = index.gallery()
     contact_sheet(image, bbx, hits, [gallery.load(h.row) for h in hits], path, marks=marks,
-                  title=f"query {truth.qimlist[0]} (box) by {network.name}; teacher index of {len(index)} images")
+                  title=f"query {truth.qimlist[0]} (box) by {network.name}; teacher index of "
+                        f"{len(index)} images")
 
 
-def _write(out: Path, rows: list[SearchRow], chance: dict[str, float], refusal: str, settings: DemoSettings) -> None:
+def _write(out: Path, rows: list[SearchRow], chance: dict[str, float], refusal: str,
+           settings: DemoSettings) -> None:
     names = list(TEST_DATASETS)
     lines = [f"# Asymmetric search on the {settings.name} demo", "",
-             (f"Queries: every test query, cropped to its box, at {settings.test_image_size} px; gallery: the test "
-             f"set's database, indexed by the teacher (flat). A query counts when its top {TOP_K} holds an image "
-             f"of its landmark (easy or hard)."), "",
+             (f"Queries: every test query, cropped to its box, at {settings.test_image_size} px; gallery: "
+              f"the test set's database, indexed by the teacher (flat). A query counts when its top {TOP_K} "
+              f"holds an image of its landmark (easy or hard)."), "",
              "| query network | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for row in rows:
-        lines.append(f"| {row.label} | " + " | ".join(f"{100 * row.hit_rates[n]:.1f} %" for n in names) + " |")
-    lines.append("| random ranking (expected) | " + " | ".join(f"{100 * chance[n]:.1f} %" for n in names) + " |")
+        lines.append(f"| {row.label} | " + " | ".join(f"{100 * row.hit_rates[n]:.1f} %" for n in names)
+                     + " |")
+    lines.append("| random ranking (expected) | " + " | ".join(f"{100 * chance[n]:.1f} %" for n in names)
+                 + " |")
     lines += ["", f"Without --skip-teacher-check the student trained alone is refused: `{refusal}`", "",
               f"![contact sheet]({SHEET})", "",
               "Green frames: the query's landmark; red: another; none: junk (neither)."]

@@ -102,8 +102,9 @@ class ExportCheck:
 
     def line(self, runtime: str) -> str:
         verdict = "within" if self.passed else "NOT within"
-        return (f"check: {runtime} on {self.images} images x (whole, cropped query): max |exported - checkpoint| "
-                f"= {self.max_abs_diff:.2e}, min cosine {self.min_cosine:.7f}, {verdict} the tolerance "
+        return (f"check: {runtime} on {self.images} images x (whole, cropped query): "
+                f"max |exported - checkpoint| = {self.max_abs_diff:.2e}, min cosine {self.min_cosine:.7f}, "
+                f"{verdict} the tolerance "
                 f"{self.tolerance:.0e}; {1000 * self.seconds_per_image:.0f} ms per image")
 
 
@@ -125,8 +126,10 @@ def trained_image_size(info: dict[str, Any]) -> int | None:
 
 def export_query_network(network: str | Path, out: str | Path, fmt: str, *, check_images: Sequence[Path],
                          image_size: int | None = None, scales: Sequence[float] = (1.0,),
-                         whitening: Whitening | None = None, whitening_source: str | None = None) -> ExportReport:
-    """Write the student at `network` as a `fmt` file at `out`, checked on `check_images` before it is kept."""
+                         whitening: Whitening | None = None,
+                         whitening_source: str | None = None) -> ExportReport:
+    """Write the student at `network` as a `fmt` file at `out`, checked on `check_images` before it is
+    kept."""
     require(fmt in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     require(len(check_images) > 0, "the export check needs at least one real image")
     net, info = load_checkpoint(network)
@@ -135,7 +138,8 @@ def export_query_network(network: str | Path, out: str | Path, fmt: str, *, chec
     require(size is not None, f"{network} records no training image size; give --image-size")
     if whitening is not None:
         require(whitening.P.shape[1] == net.meta.outputdim,
-                f"the whitening expects {whitening.P.shape[1]}-D descriptors, the network gives {net.meta.outputdim}")
+                f"the whitening expects {whitening.P.shape[1]}-D descriptors, the network gives "
+                f"{net.meta.outputdim}")
     encoder = QueryEncoder(net, size, scales, whitening)
     metadata = _metadata(Path(network), net, size, scales, whitening, whitening_source)
     out = Path(out)
@@ -158,7 +162,8 @@ def _metadata(network: Path, net, image_size: int, scales: Sequence[float], whit
             "image_size": int(image_size), "scales": [float(s) for s in scales], "whitening": lw,
             "teacher": net.meta.extra.get(TEACHER_KEY), "network": str(network),
             "network_sha256": file_sha256(network),
-            "inputs": {"image": "uint8 (H, W, 3) RGB", "box": "float32 (4,) x1 y1 x2 y2, (0, 0, W, H) = whole"}}
+            "inputs": {"image": "uint8 (H, W, 3) RGB",
+                       "box": "float32 (4,) x1 y1 x2 y2, (0, 0, W, H) = whole"}}
 
 
 def _example(image_size: int) -> tuple[Tensor, Tensor]:
@@ -186,7 +191,8 @@ def _write(encoder: QueryEncoder, path: Path, fmt: str, metadata: dict[str, Any]
 
 
 def _write_metadata(path: Path, fmt: str, metadata: dict[str, Any]) -> None:
-    """Store `metadata` in the written file (TorchScript: re-saved with the extra file; ONNX: metadata_props)."""
+    """Store `metadata` in the written file (TorchScript: saved again with the extra file; ONNX: in its
+    metadata_props)."""
     text = json.dumps(metadata)
     if fmt == "torchscript":
         with warnings.catch_warnings():  # TorchScript is marked deprecated in torch 2.14; it still works
@@ -212,20 +218,22 @@ def check_boxes(paths: Sequence[Path]) -> list[tuple[float, float, float, float]
     return boxes
 
 
-def check_export(path: Path, fmt: str, net, image_size: int, scales: Sequence[float], whitening: Whitening | None,
-                 images: Sequence[Path]) -> ExportCheck:
+def check_export(path: Path, fmt: str, net, image_size: int, scales: Sequence[float],
+                 whitening: Whitening | None, images: Sequence[Path]) -> ExportCheck:
     """Embed `images` (whole, then cropped) with the exported file's runtime and with the checkpoint."""
     from amldist.retrieval.query_net import load_query_network
 
     images = list(images)
     boxes: list = [None] * len(images) + check_boxes(images)
     source = FileSource(images + images, boxes)
-    reference = embed(net, source, image_size=image_size, scales=scales, batch_size=1, device="cpu")  # (2n, D)
+    reference = embed(net, source, image_size=image_size, scales=scales, batch_size=1,
+                      device="cpu")  # (2n, D)
     if whitening is not None:
         reference = apply_whitening(reference, whitening)
     exported = load_query_network(path, kind=fmt)
     started = time.perf_counter()
     vectors = np.stack([exported.embed(source.load(i), source.bbx(i)) for i in range(len(source))])
     seconds = (time.perf_counter() - started) / len(source)
-    cosine = np.sum(vectors * reference, axis=1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+    cosine = np.sum(vectors * reference, axis=1) / norms
     return ExportCheck(len(images), float(np.abs(vectors - reference).max()), float(cosine.min()), seconds)

@@ -88,13 +88,13 @@ class BuildReport:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        lines = [(f"{self.path}: {self.count} images ({self.embedded} embedded, {self.kept} kept, {self.removed} "
-                  f"removed) in {self.seconds:.1f} s, {self.kind} index")]
+        lines = [(f"{self.path}: {self.count} images ({self.embedded} embedded, {self.kept} kept, "
+                  f"{self.removed} removed) in {self.seconds:.1f} s, {self.kind} index")]
         if self.recall is not None:
             p = self.params
-            lines.append(f"IVF-PQ ({p['nlist']} lists, {p['pq_m']} codes x {p['nbits']} bits, nprobe {p['nprobe']}): "
-                         f"recall@{RECALL_K} {self.recall:.3f} against the exact flat index ({self.recall_queries} "
-                         f"gallery images as queries, each one's own row left out)")
+            lines.append(f"IVF-PQ ({p['nlist']} lists, {p['pq_m']} codes x {p['nbits']} bits, nprobe "
+                         f"{p['nprobe']}): recall@{RECALL_K} {self.recall:.3f} against the exact flat index "
+                         f"({self.recall_queries} gallery images as queries, each one's own row left out)")
         return lines
 
 
@@ -127,7 +127,8 @@ def _read_manifest(folder: Path, strict: bool = True) -> dict[str, Any] | None:
         if strict:
             raise UserError(f"{folder} is not a gallery index (its {MANIFEST} is another file)")
         return None
-    require(manifest.get("version") == VERSION, f"{folder}: index version {manifest.get('version')} is not {VERSION}")
+    require(manifest.get("version") == VERSION,
+            f"{folder}: index version {manifest.get('version')} is not {VERSION}")
     return manifest
 
 
@@ -147,12 +148,14 @@ def _content_named(folder: Path, prefix: str, suffix: str, write: Callable[[Path
 
 def _embed_gallery(net, gallery: Gallery, positions: list[int], settings: IndexSettings) -> np.ndarray:
     source = gallery.subset(positions)
-    options = {"image_size": settings.image_size, "scales": list(settings.scales), "batch_size": settings.batch_size}
+    options = {"image_size": settings.image_size, "scales": list(settings.scales),
+               "batch_size": settings.batch_size}
     if settings.ray_workers > 0:
         from amldist.distributed_extract import embed_distributed
 
         gpus = 1.0 if settings.device.startswith("cuda") else 0.0
-        return embed_distributed(net, source, num_workers=settings.ray_workers, gpus_per_worker=gpus, **options)
+        return embed_distributed(net, source, num_workers=settings.ray_workers, gpus_per_worker=gpus,
+                                 **options)
     log.info("embedding %d gallery images", len(positions))
     return embed(net, source, device=settings.device, num_workers=settings.workers, desc="index", **options)
 
@@ -162,14 +165,18 @@ def _index_kind(settings: IndexSettings) -> str:
 
 
 def _commit(out: Path, entries: list[GalleryEntry], raw: np.ndarray, fields: dict[str, Any],
-            whitening: IndexWhitening | None, settings: IndexSettings) -> tuple[dict[str, int], float | None, int]:
+            whitening: IndexWhitening | None,
+            settings: IndexSettings) -> tuple[dict[str, int], float | None, int]:
     """Write the index files, then the manifest; remove what the new manifest no longer names."""
     vectors = apply_whitening(raw, whitening.whitening) if whitening is not None else raw
     kind = _index_kind(settings)
-    params = (search.ivfpq_parameters(len(vectors), vectors.shape[1], settings.nlist, settings.pq_m, settings.nprobe)
-              if kind == "ivfpq" else {})
+    params = {}
+    if kind == "ivfpq":
+        params = search.ivfpq_parameters(len(vectors), vectors.shape[1], settings.nlist, settings.pq_m,
+                                         settings.nprobe)
     faiss_index = search.build_faiss_index(vectors, kind, params)
-    recall, queries = search.recall_against_flat(faiss_index, vectors, RECALL_K) if kind == "ivfpq" else (None, 0)
+    recall, queries = (search.recall_against_flat(faiss_index, vectors, RECALL_K) if kind == "ivfpq"
+                       else (None, 0))
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "vectors": _content_named(out, "vectors", ".npy", lambda p: _save_array(p, raw)),
@@ -179,11 +186,12 @@ def _commit(out: Path, entries: list[GalleryEntry], raw: np.ndarray, fields: dic
     }
     lw = None
     if whitening is not None:
-        files["whitening"] = _content_named(out, "whitening", ".pt", lambda p: save_whitening(p, whitening.whitening))
+        files["whitening"] = _content_named(out, "whitening", ".pt",
+                                            lambda p: save_whitening(p, whitening.whitening))
         lw = {"sha256": whitening_digest(whitening.whitening), "source": whitening.source,
               "dim": whitening.whitening.dim, "file": files["whitening"]}
-    manifest = {**fields, "format": FORMAT, "version": VERSION, "count": len(entries), "dim": int(raw.shape[1]),
-                "search_dim": int(vectors.shape[1]), "whitening": lw, "kind": kind,
+    manifest = {**fields, "format": FORMAT, "version": VERSION, "count": len(entries),
+                "dim": int(raw.shape[1]), "search_dim": int(vectors.shape[1]), "whitening": lw, "kind": kind,
                 "requested": {"nlist": settings.nlist, "pq_m": settings.pq_m, "nprobe": settings.nprobe},
                 "ivfpq": params or None, "recall_at_10": recall, "files": files}
     atomic_write_json(out / MANIFEST, manifest)
@@ -205,8 +213,10 @@ def _network_fields(network: Path, net) -> dict[str, Any]:
 
 def _check_names(gallery: Gallery) -> None:
     names = [e.name for e in gallery.entries]
-    duplicate = next((n for n in names if names.count(n) > 1), None) if len(set(names)) != len(names) else None
-    require(duplicate is None, f"{gallery.root}: two images share the name {duplicate!r}")
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        duplicate = next(n for n in names if n in seen or seen.add(n))
+        raise UserError(f"{gallery.root}: two images share the name {duplicate!r}")
 
 
 def build_index(network: str | Path, gallery: Gallery, out: str | Path, settings: IndexSettings,
@@ -226,7 +236,8 @@ def build_index(network: str | Path, gallery: Gallery, out: str | Path, settings
                 f"{net.meta.outputdim}")
     raw = _embed_gallery(net, gallery, list(range(len(gallery))), settings)
     fields = {**_network_fields(network, net), "image_size": settings.image_size,
-              "scales": [float(s) for s in settings.scales], "gallery": {"kind": gallery.kind, "root": str(gallery.root)}}
+              "scales": [float(s) for s in settings.scales],
+              "gallery": {"kind": gallery.kind, "root": str(gallery.root)}}
     params, recall, queries = _commit(out, gallery.entries, raw, fields, whitening, settings)
     return BuildReport(out, len(gallery), len(gallery), 0, 0, _index_kind(settings), params, recall, queries,
                        time.perf_counter() - started)
@@ -252,7 +263,8 @@ def add_to_index(out: str | Path, gallery: Gallery | None = None, network: str |
     network = Path(network or manifest["network"])
     require(network.is_file(), f"the index's network {network} is gone; give --network with the same file")
     require(file_sha256(network) == manifest["network_sha256"],
-            f"{network} is not the network that built {out} (sha256 differs); a new network needs a new index")
+            f"{network} is not the network that built {out} (sha256 differs); a new network needs a new "
+            f"index")
     base = settings or IndexSettings()
     settings = IndexSettings(image_size=manifest["image_size"], scales=tuple(manifest["scales"]),
                              compress=manifest["kind"] == "ivfpq",
@@ -271,14 +283,14 @@ def add_to_index(out: str | Path, gallery: Gallery | None = None, network: str |
     if new:
         net, _ = load_checkpoint(network)
         raw[new] = _embed_gallery(net, gallery, new, settings)
-    fields = {key: manifest[key] for key in ("network", "network_sha256", "architecture", "image_size", "scales",
-                                             "gallery")}
+    fields = {key: manifest[key] for key in ("network", "network_sha256", "architecture", "image_size",
+                                             "scales", "gallery")}
     whitening = (IndexWhitening(index.whitening, manifest["whitening"]["source"])
                  if index.whitening is not None else None)
     params, recall, queries = _commit(Path(out), gallery.entries, raw, fields, whitening, settings)
     removed = len({name for name, _ in index.entries} - {e.name for e in gallery.entries})
-    return BuildReport(Path(out), len(gallery), len(new), len(kept), removed, _index_kind(settings), params, recall,
-                       queries, time.perf_counter() - started)
+    return BuildReport(Path(out), len(gallery), len(new), len(kept), removed, _index_kind(settings), params,
+                       recall, queries, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- reading
@@ -299,7 +311,8 @@ class GalleryIndex:
         manifest = _read_manifest(path)
         files = manifest["files"]
         try:
-            entries = [(str(name), str(stamp)) for name, stamp in json.loads((path / files["images"]).read_text())]
+            listed = json.loads((path / files["images"]).read_text())
+            entries = [(str(name), str(stamp)) for name, stamp in listed]
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"{path}: damaged image list {files['images']} ({err})") from None
         whitening = load_whitening(path / files["whitening"]) if manifest.get("whitening") else None
@@ -328,7 +341,8 @@ class GalleryIndex:
 
     def raw_vectors(self) -> np.ndarray:
         array = np.load(self.path / self.manifest["files"]["vectors"], mmap_mode="r")
-        require(array.shape == (len(self), self.dim), f"{self.path}: damaged descriptor file; rebuild the index")
+        require(array.shape == (len(self), self.dim),
+                f"{self.path}: damaged descriptor file; rebuild the index")
         return array
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -348,13 +362,15 @@ def resolve_whitening(value: str, network: str | Path, settings: IndexSettings,
     from amldist.datasets import layout
 
     if value in layout.TRAIN_DATASETS:
-        require(data_root is not None, f"--whitening {value} learns on that dataset's pairs: give --data-root")
+        require(data_root is not None,
+                f"--whitening {value} learns on that dataset's pairs: give --data-root")
         from amldist.evaluation import DescriptorCache, EvalSettings, load_net, whitening_for
 
         eval_settings = EvalSettings(Path(data_root), (), settings.image_size, tuple(settings.scales), value,
                                      device=settings.device, batch_size=settings.batch_size,
                                      workers=settings.workers)
-        lw = whitening_for(load_net("teacher", network, settings.device), value, DescriptorCache(eval_settings))
+        teacher = load_net("teacher", network, settings.device)
+        lw = whitening_for(teacher, value, DescriptorCache(eval_settings))
         return IndexWhitening(lw, f"Lw learned on {value} at {settings.image_size} px, scales "
                                   f"{[round(s, 4) for s in settings.scales]}")
     path = Path(value).expanduser()
@@ -362,6 +378,6 @@ def resolve_whitening(value: str, network: str | Path, settings: IndexSettings,
         other = GalleryIndex.open(path)
         require(other.whitening is not None, f"--whitening {path}: that index applies no whitening")
         return IndexWhitening(other.whitening, other.manifest["whitening"]["source"])
-    require(path.is_file(), f"--whitening {value}: neither a training set ({', '.join(layout.TRAIN_DATASETS)}), "
-                            f"a whitening file nor an index folder")
+    require(path.is_file(), f"--whitening {value}: neither a training set "
+                            f"({', '.join(layout.TRAIN_DATASETS)}), a whitening file nor an index folder")
     return IndexWhitening(load_whitening(path), str(path.resolve()))

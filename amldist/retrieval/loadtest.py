@@ -64,8 +64,9 @@ class LoadReport:
         return self.failed == 0 and self.mismatched == 0 and all(m["ok"] for m in self.malformed)
 
     def summary(self) -> dict:
-        return {"concurrency": self.concurrency, "duration_s": round(self.duration_s, 3), "requests": self.requests,
-                "failed": self.failed, "mismatched": self.mismatched, "throughput_per_s": round(self.throughput, 3),
+        return {"concurrency": self.concurrency, "duration_s": round(self.duration_s, 3),
+                "requests": self.requests, "failed": self.failed, "mismatched": self.mismatched,
+                "throughput_per_s": round(self.throughput, 3),
                 "p50_ms": round(self.percentile_ms(50), 2), "p90_ms": round(self.percentile_ms(90), 2),
                 "p99_ms": round(self.percentile_ms(99), 2), "max_ms": round(self.percentile_ms(100), 2),
                 "malformed": self.malformed}
@@ -90,8 +91,8 @@ def _params(query: LoadQuery) -> dict[str, str]:
     return params
 
 
-async def _worker(session: aiohttp.ClientSession, url: str, queries: Sequence[LoadQuery], start: int, step: int,
-                  deadline: float, budget: list[int], report: LoadReport) -> None:
+async def _worker(session: aiohttp.ClientSession, url: str, queries: Sequence[LoadQuery], start: int,
+                  step: int, deadline: float, budget: list[int], report: LoadReport) -> None:
     position = start
     while time.perf_counter() < deadline and budget[0] > 0:
         budget[0] -= 1
@@ -123,7 +124,8 @@ async def _malformed(session: aiohttp.ClientSession, url: str, image: bytes) -> 
                 error = ""
         one_line = bool(error) and "\n" not in error
         checked.append({"name": name, "status": reply.status, "error": error[:200],
-                        "ok": reply.status == expected and one_line, "body": text[:200] if not error else None})
+                        "ok": reply.status == expected and one_line,
+                        "body": text[:200] if not error else None})
     return checked
 
 
@@ -135,7 +137,8 @@ async def _run(url: str, queries: Sequence[LoadQuery], concurrency: int, duratio
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started = time.perf_counter()
         budget = [max_requests]
-        await asyncio.gather(*[_worker(session, url, queries, i, concurrency, started + duration_s, budget, report)
+        deadline = started + duration_s
+        await asyncio.gather(*[_worker(session, url, queries, i, concurrency, deadline, budget, report)
                                for i in range(concurrency)])
         report.duration_s = time.perf_counter() - started
         report.malformed = await _malformed(session, url, queries[0].body)

@@ -187,7 +187,8 @@ def crop_and_scale(image: Tensor, box: Tensor, image_size: float) -> tuple[Tenso
     height, width = shape[0:1], shape[1:2]
     corners = torch.round(box.to(F64))
     x1, y1, x2, y2 = corners[0:1], corners[1:2], corners[2:3], corners[3:4]
-    max_side = torch.clamp(image_size * torch.maximum(x2 - x1, y2 - y1) / torch.maximum(width, height), min=1.0)
+    longest_crop = torch.maximum(x2 - x1, y2 - y1)
+    max_side = torch.clamp(image_size * longest_crop / torch.maximum(width, height), min=1.0)
     left = torch.minimum(torch.clamp(x1, min=0.0), width - 1)
     top = torch.minimum(torch.clamp(y1, min=0.0), height - 1)
     right = torch.minimum(torch.maximum(torch.maximum(x2, x1 + 1), left + 1), width)

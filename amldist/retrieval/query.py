@@ -59,7 +59,8 @@ def _query_source_sha(query: QueryNetwork) -> str:
 
 
 def check_query_network(index: GalleryIndex, query: QueryNetwork, skip_teacher_check: bool = False) -> None:
-    """Refuse (UserError, one line) a query network that does not belong to `index`; see the module docstring."""
+    """Refuse (UserError, one line) a query network that does not belong to `index`; see the module
+    docstring."""
     manifest = index.manifest
     baked = query.baked_whitening
     index_lw = manifest.get("whitening")
@@ -69,16 +70,17 @@ def check_query_network(index: GalleryIndex, query: QueryNetwork, skip_teacher_c
                 f"{'none' if index_lw is None else _short(index_lw['sha256'])}; export it with the index's "
                 f"whitening (--whitening {index.path}) or without one")
     expected = index.search_dim if baked is not None else index.dim
-    require(query.dim == expected, f"{query.path} gives {query.dim}-D descriptors, {index.path} holds {expected}-D "
-                                   f"ones ({manifest['architecture']}); a student must be trained to the teacher's "
-                                   f"dimension (model.projection_dim)")
+    require(query.dim == expected,
+            f"{query.path} gives {query.dim}-D descriptors, {index.path} holds {expected}-D ones "
+            f"({manifest['architecture']}); a student must be trained to the teacher's dimension "
+            f"(model.projection_dim)")
     if skip_teacher_check or _query_source_sha(query) == manifest["network_sha256"]:
         return
     teacher = query.teacher or {}
     index_sha = manifest["network_sha256"]
     if not teacher.get("network_sha256"):
-        raise UserError(f"{query.path} records no teacher (trained alone, or not by amldist), so its descriptors "
-                        f"need not live in the space of {index.path} ({manifest['architecture']} "
+        raise UserError(f"{query.path} records no teacher (trained alone, or not by amldist), so its "
+                        f"descriptors need not live in the space of {index.path} ({manifest['architecture']} "
                         f"{_short(index_sha)}); --skip-teacher-check queries anyway")
     require(teacher["network_sha256"] == index_sha,
             f"{query.path} was trained against teacher {teacher.get('architecture', '?')} "
@@ -124,8 +126,9 @@ class AsymmetricSearch:
         q, m = self.query, self.index.manifest
         size = q.image_size or m["image_size"]
         white = "none" if m.get("whitening") is None else _short(m["whitening"]["sha256"])
-        return (f"index {self.index.path}: {len(self.index)} images by {m['architecture']} {_short(m['network_sha256'])}"
-                f" ({m['kind']}, whitening {white}); query network {q.path} ({q.kind}, {q.architecture}, {size} px)")
+        return (f"index {self.index.path}: {len(self.index)} images by {m['architecture']} "
+                f"{_short(m['network_sha256'])} ({m['kind']}, whitening {white}); query network {q.path} "
+                f"({q.kind}, {q.architecture}, {size} px)")
 
 
 def parse_bbx(text: str) -> Box:
@@ -135,7 +138,8 @@ def parse_bbx(text: str) -> Box:
         values = tuple(float(p) for p in parts)
     except ValueError:
         values = ()
-    require(len(values) == 4 and all(np.isfinite(values)), f"--bbx must be x1,y1,x2,y2 (four numbers), got {text!r}")
+    require(len(values) == 4 and all(np.isfinite(values)),
+            f"--bbx must be x1,y1,x2,y2 (four numbers), got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -146,7 +150,8 @@ def check_bbx(bbx: Box | None, size: tuple[int, int]) -> None:
     x1, y1, x2, y2 = bbx
     width, height = size
     require(0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height,
-            f"the box {x1:g},{y1:g},{x2:g},{y2:g} is not inside the {width} x {height} image with x1 < x2, y1 < y2")
+            f"the box {x1:g},{y1:g},{x2:g},{y2:g} is not inside the {width} x {height} image with x1 < x2, "
+            f"y1 < y2")
 
 
 def open_query_image(path: str | Path) -> Image.Image:
@@ -168,8 +173,9 @@ def _thumb(image: Image.Image, side: int) -> Image.Image:
     return tile
 
 
-def contact_sheet(query_image: Image.Image, bbx: Box | None, hits: Sequence[Hit], images: Sequence[Image.Image],
-                  out: str | Path, marks: Sequence[bool | None] | None = None, columns: int = 5,
+def contact_sheet(query_image: Image.Image, bbx: Box | None, hits: Sequence[Hit],
+                  images: Sequence[Image.Image], out: str | Path, marks: Sequence[bool | None] | None = None,
+                  columns: int = 5,
                   side: int = 160, title: str = "") -> Path:
     """A PNG: the query (its box drawn) and the ranked results with rank, score and name; `marks` frames a
     result green (right) or red (wrong) when the caller knows."""
@@ -178,7 +184,8 @@ def contact_sheet(query_image: Image.Image, bbx: Box | None, hits: Sequence[Hit]
         ImageDraw.Draw(query).rectangle(bbx, outline=(255, 200, 0), width=max(2, query.width // 100))
     label = 28
     rows = (len(hits) + columns - 1) // columns
-    sheet = Image.new("RGB", (side * (columns + 1) + 10, max(rows, 1) * (side + label) + label), (255, 255, 255))
+    size = (side * (columns + 1) + 10, max(rows, 1) * (side + label) + label)
+    sheet = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), title or "query", fill=(0, 0, 0))
     sheet.paste(_thumb(query, side), (0, label))
@@ -187,7 +194,8 @@ def contact_sheet(query_image: Image.Image, bbx: Box | None, hits: Sequence[Hit]
         sheet.paste(_thumb(image, side - 8), (x + 4, y + 4))
         mark = marks[i] if marks is not None else None
         if mark is not None:
-            draw.rectangle((x, y, x + side - 1, y + side - 1), outline=(0, 160, 0) if mark else (210, 0, 0), width=4)
+            colour = (0, 160, 0) if mark else (210, 0, 0)
+            draw.rectangle((x, y, x + side - 1, y + side - 1), outline=colour, width=4)
         draw.text((x + 4, y + side + 1), f"{hit.rank}. {hit.score:.3f} {hit.name[:18]}", fill=(0, 0, 0))
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")

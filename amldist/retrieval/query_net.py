@@ -137,16 +137,17 @@ def load_query_network(path: str | Path, kind: str | None = None) -> QueryNetwor
     if kind == "checkpoint":
         net, _ = load_checkpoint(path)
         meta = net.meta
-        return CheckpointQuery(path, kind, int(meta.outputdim), meta.architecture, meta.extra.get(TEACHER_KEY),
-                               net=net.eval())
+        return CheckpointQuery(path, kind, int(meta.outputdim), meta.architecture,
+                               meta.extra.get(TEACHER_KEY), net=net.eval())
     if kind == "torchscript":
         extra = {METADATA_NAME: ""}
         try:
-            with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; it still loads and runs
+            with warnings.catch_warnings():  # torch 2.14 calls TorchScript deprecated; it loads and runs
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except RuntimeError as err:
-            raise UserError(f"{path}: not a readable TorchScript file ({str(err).splitlines()[0][:200]})") from None
+            reason = str(err).splitlines()[0][:200]
+            raise UserError(f"{path}: not a readable TorchScript file ({reason})") from None
         return TorchScriptQuery(**_described(path, kind, extra[METADATA_NAME]), module=module.eval())
     if kind == "onnx":
         return _load_onnx(path)
@@ -175,6 +176,8 @@ def _described(path: Path, kind: str, text: str | bytes) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise UserError(f"{path} carries no amldist export metadata; export it with `amldist export`")
     whitening = metadata.get("whitening")
-    return {"path": path, "kind": kind, "dim": int(metadata["dim"]), "architecture": str(metadata["architecture"]),
-            "teacher": metadata.get("teacher"), "baked_whitening": whitening.get("sha256") if whitening else None,
-            "image_size": int(metadata["image_size"]), "scales": tuple(metadata["scales"]), "details": metadata}
+    return {"path": path, "kind": kind, "dim": int(metadata["dim"]),
+            "architecture": str(metadata["architecture"]), "teacher": metadata.get("teacher"),
+            "baked_whitening": whitening.get("sha256") if whitening else None,
+            "image_size": int(metadata["image_size"]), "scales": tuple(metadata["scales"]),
+            "details": metadata}

@@ -3,7 +3,7 @@
     POST /search?k=10&bbx=x1,y1,x2,y2     body: the image file (any Content-Type), or a multipart form whose
                                           `image` field is the file
         200 {"results": [{"rank", "name", "score", "row"}], "k", "seconds"}
-        400 {"error": "one line"}  the body is empty or not an image, k or bbx malformed, box outside the image
+        400 {"error": "one line"}  an empty body or not an image, k or bbx malformed, a box outside the image
         413 {"error": ...}         the body exceeds the upload limit
     GET /health -> 200 {"status": "ok", "images", "index", "query_network"}
 
@@ -48,7 +48,8 @@ def _decode(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:
-                raise UserError(f"the image has {image.width} x {image.height} pixels, more than {MAX_PIXELS}")
+                raise UserError(f"the image has {image.width} x {image.height} pixels, more than "
+                                f"{MAX_PIXELS}")
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"the body is not a readable image ({str(err).splitlines()[0][:120]})") from None
@@ -93,11 +94,12 @@ async def search_handler(request: web.Request) -> web.Response:
 
 async def health_handler(request: web.Request) -> web.Response:
     searcher = request.app[SEARCHER]
-    return web.json_response({"status": "ok", "images": len(searcher.index), "index": str(searcher.index.path),
-                              "query_network": str(searcher.query.path)})
+    return web.json_response({"status": "ok", "images": len(searcher.index),
+                              "index": str(searcher.index.path), "query_network": str(searcher.query.path)})
 
 
-def make_app(searcher: AsymmetricSearch, threads: int = 2, max_upload: int = MAX_UPLOAD_BYTES) -> web.Application:
+def make_app(searcher: AsymmetricSearch, threads: int = 2,
+             max_upload: int = MAX_UPLOAD_BYTES) -> web.Application:
     app = web.Application(client_max_size=max_upload)
     app[SEARCHER] = searcher
     app[POOL] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")

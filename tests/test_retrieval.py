@@ -168,7 +168,21 @@ def test_incremental_index_equals_a_full_rebuild(nets, tmp_path):
     assert leftovers == ["images", "index", "manifest.json", "vectors"]  # the old files are gone
 
 
-def test_compressed_index_reports_recall_and_updates_like_a_rebuild(tmp_path):
+@pytest.mark.slow
+def test_index_over_ray_workers_equals_one_process(nets, gallery_dir, tmp_path):
+    """--ray-workers: the gallery spread over Ray tasks (distributed_extract), as evaluation embeds R1M."""
+    ray = pytest.importorskip("ray")
+    build_index(nets["teacher"], folder_gallery(gallery_dir), tmp_path / "one", _settings())
+    try:
+        build_index(nets["teacher"], folder_gallery(gallery_dir), tmp_path / "ray", _settings(ray_workers=2))
+    finally:
+        ray.shutdown()
+    one, spread = GalleryIndex.open(tmp_path / "one"), GalleryIndex.open(tmp_path / "ray")
+    assert one.entries == spread.entries
+    np.testing.assert_allclose(spread.raw_vectors(), one.raw_vectors(), atol=1e-5)
+
+
+def test_compressed_index_recall_and_an_identical_rebuild(tmp_path):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(40, 32))
     vectors = centres[rng.integers(0, 40, 3000)] + 0.3 * rng.normal(size=(3000, 32))

@@ -51,12 +51,14 @@ from bench_extract import make_images  # the textured photos of the extraction b
 
 def networks(folder: Path, image_size: int) -> tuple[Path, Path]:
     torch.manual_seed(1)
-    teacher = save_checkpoint(folder / "teacher.pt", create_net("small_cnn", "gem", None, pretrained=False), epoch=1)
+    teacher_net = create_net("small_cnn", "gem", None, pretrained=False)
+    teacher = save_checkpoint(folder / "teacher.pt", teacher_net, epoch=1)
     torch.manual_seed(2)
     student = create_net("mini_cnn", "gem", 128, pretrained=False)
     student.meta.extra[TEACHER_KEY] = {"network_sha256": file_sha256(teacher), "architecture": "small_cnn",
                                        "dim": 128, "network": str(teacher)}
-    return teacher, save_checkpoint(folder / "student.pt", student, epoch=1, config={"data": {"image_size": image_size}})
+    config = {"data": {"image_size": image_size}}
+    return teacher, save_checkpoint(folder / "student.pt", student, epoch=1, config=config)
 
 
 def load_queries(paths: list[Path], searcher: AsymmetricSearch, k: int) -> list[LoadQuery]:
@@ -64,7 +66,7 @@ def load_queries(paths: list[Path], searcher: AsymmetricSearch, k: int) -> list[
     for i, path in enumerate(paths):
         image = Image.open(path).convert("RGB")
         w, h = image.size
-        bbx = None if i % 2 else (w * 0.2, h * 0.15, w * 0.8, h * 0.9)  # half whole images, half cropped queries
+        bbx = None if i % 2 else (w * 0.2, h * 0.15, w * 0.8, h * 0.9)  # half whole, half cropped queries
         expected = tuple(hit.name for hit in searcher.search(image, bbx, k))
         queries.append(LoadQuery(path.read_bytes(), bbx, k, expected))
     return queries
@@ -95,9 +97,11 @@ def run_network(kind: str, path: Path, index: GalleryIndex, query_paths: list[Pa
             summary = report.summary()
             summary["passed"] = report.passed
             result["load"].append(summary)
-            print(f"{kind:12s} c={concurrency:2d}: {summary['requests']:5d} queries, p50 {summary['p50_ms']:7.1f} ms,"
-                  f" p99 {summary['p99_ms']:7.1f} ms, {summary['throughput_per_s']:6.1f}/s, failed {summary['failed']},"
-                  f" mismatched {summary['mismatched']}, malformed refused {all(m['ok'] for m in summary['malformed'])}"
+            refused = all(m["ok"] for m in summary["malformed"])
+            print(f"{kind:12s} c={concurrency:2d}: {summary['requests']:5d} queries, p50 "
+                  f"{summary['p50_ms']:7.1f} ms, p99 {summary['p99_ms']:7.1f} ms, "
+                  f"{summary['throughput_per_s']:6.1f}/s, failed "
+                  f"{summary['failed']}, mismatched {summary['mismatched']}, malformed refused {refused}"
                   f" (in process p50 {result['in_process_p50_ms']:.1f} ms)", flush=True)
     return result
 
@@ -131,7 +135,8 @@ def main(argv: list[str]) -> int:
         index = GalleryIndex.open(folder / "index")
         check = make_images(folder / "check", 2, args.photo_side, seed=2)
         files = {"onnx": export_query_network(student, folder / "s.onnx", "onnx", check_images=check).path,
-                 "torchscript": export_query_network(student, folder / "s.pt", "torchscript", check_images=check).path,
+                 "torchscript": export_query_network(student, folder / "s.pt", "torchscript",
+                                                     check_images=check).path,
                  "checkpoint": student}
         results = [run_network(kind, path, index, query_paths, args) for kind, path in files.items()]
     out = {"benchmark": "serve", "machine": platform.processor() or platform.machine(),

@@ -338,8 +338,9 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
 
     rows = run_search_demo(settings, echo=print)
     search = report / "search"
-    assert {p.name for p in search.iterdir()} >= {"contrplus.onnx", "reg.onnx", "index-roxford5k", "index-rparis6k",
-                                                  "search.md", "search.json", "contact_sheet.png"}
+    expected = {"contrplus.onnx", "reg.onnx", "index-roxford5k", "index-rparis6k", "search.md", "search.json",
+                "contact_sheet.png"}
+    assert {p.name for p in search.iterdir()} >= expected
     assert [r.label.split()[0] for r in rows] == ["contrplus", "reg", "student", "teacher"]
     assert all(0.0 <= rate <= 1.0 for row in rows for rate in row.hit_rates.values())
     assert "records no teacher" in json.loads((search / "search.json").read_text())["refusal"]

@@ -33,7 +33,8 @@ def _picture(width: int, height: int, seed: int) -> Image.Image:
     """Smooth random content plus grain: every resize path (box reduction, both Lanczos orders) shows."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, size=(max(height // 6, 2), max(width // 6, 2), 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
+    smooth = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    base = np.asarray(smooth, dtype=np.int16)
     grain = rng.integers(-30, 31, size=base.shape)
     return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
 
@@ -60,12 +61,13 @@ def nets(tmp_path_factory):
         student = create_net("mini_cnn", "gem", 128, pretrained=False)
         student.pool.p.data.fill_(2.6)
         if record:
-            student.meta.extra[TEACHER_KEY] = {"network_sha256": record, "architecture": "small_cnn", "dim": 128,
-                                               "network": "teacher.pt"}
-        files[name] = save_checkpoint(folder / f"{name}.pt", student, epoch=1, config={"data": {"image_size": SIZE}})
+            student.meta.extra[TEACHER_KEY] = {"network_sha256": record, "architecture": "small_cnn",
+                                               "dim": 128, "network": "teacher.pt"}
+        files[name] = save_checkpoint(folder / f"{name}.pt", student, epoch=1,
+                                      config={"data": {"image_size": SIZE}})
     torch.manual_seed(3)
-    files["small"] = save_checkpoint(folder / "small.pt", create_net("mini_cnn", "gem", 64, pretrained=False), epoch=1,
-                                     config={"data": {"image_size": SIZE}})
+    files["small"] = save_checkpoint(folder / "small.pt", create_net("mini_cnn", "gem", 64, pretrained=False),
+                                     epoch=1, config={"data": {"image_size": SIZE}})
     return files
 
 
@@ -83,9 +85,10 @@ def whitening():
 # ---------------------------------------------------------------- preprocessing
 
 
-@pytest.mark.parametrize("size,side", [((640, 479), 128), ((1000, 130), 128), ((130, 1000), 64), ((50, 40), 128),
-                                       ((333, 777), 100), ((1200, 900), 362), ((129, 128), 128), ((700, 700), 47.6),
-                                       ((20, 900), 128), ((257, 129), 128)])
+@pytest.mark.parametrize("size,side", [((640, 479), 128), ((1000, 130), 128), ((130, 1000), 64),
+                                       ((50, 40), 128), ((333, 777), 100), ((1200, 900), 362),
+                                       ((129, 128), 128), ((700, 700), 47.6), ((20, 900), 128),
+                                       ((257, 129), 128)])
 def test_thumbnail_equals_pil_pixel_for_pixel(size, side):
     """Box reduction (factors 1..8, unequal per axis), both Lanczos pass orders, images that fit."""
     picture = _picture(*size, seed=sum(size))
@@ -131,7 +134,8 @@ def test_export_command_prints_the_check_and_refuses_bad_outputs(nets, gallery_d
     from amldist.cli.main import main
 
     out = tmp_path / "student.pt"
-    base = ["export", "--network", str(nets["student"]), "--format", "torchscript", "--images", str(gallery_dir)]
+    base = ["export", "--network", str(nets["student"]), "--format", "torchscript",
+            "--images", str(gallery_dir)]
     assert main([*base, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "check: torchscript on 8 images" in printed and "within the tolerance 1e-05" in printed
@@ -195,7 +199,8 @@ def test_compressed_index_recall_and_an_identical_rebuild(tmp_path):
     finer = search.build_faiss_index(vectors, "ivfpq", {**params, "pq_m": 16, "nbits": 8, "nprobe": 76})
     assert search.recall_against_flat(finer, vectors, 10)[0] > max(0.6, recall)  # more bytes, every list
     again = search.build_faiss_index(vectors, "ivfpq", params)  # seeded k-means: the same index
-    assert np.array_equal(search.index_search(index, vectors[:50], 10)[1], search.index_search(again, vectors[:50], 10)[1])
+    ids = search.index_search(index, vectors[:50], 10)[1]
+    assert np.array_equal(ids, search.index_search(again, vectors[:50], 10)[1])
     with pytest.raises(UserError, match="pq_m"):
         search.ivfpq_parameters(100, 32, pq_m=5)
 
@@ -213,7 +218,8 @@ def test_index_command_compress_and_add(nets, tmp_path, capsys):
     assert main(base) == 2  # an index is there: --add or --force
     assert main(["index", "--add", "--out", str(out), "--multiscale", "[1, 0.5]"]) == 2  # a rebuild setting
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "--add updates it, --force rebuilds it" in errors[0] and "--multiscale" in errors[1]
+    assert len(errors) == 2 and "--add updates it, --force rebuilds it" in errors[0]
+    assert "--multiscale" in errors[1]
     _write_gallery(folder, 2, start=10)
     assert main(["index", "--add", "--out", str(out), "--workers", "0"]) == 0
     assert "12 images (2 embedded, 10 kept, 0 removed)" in capsys.readouterr().out
@@ -252,7 +258,8 @@ def test_students_of_another_teacher_or_dimension_are_refused(nets, teacher_inde
 
 def test_a_baked_whitening_must_be_the_index_s(nets, gallery_dir, teacher_index, whitening, tmp_path):
     images = sorted(gallery_dir.iterdir())[:1]
-    export_query_network(nets["student"], tmp_path / "w.onnx", "onnx", check_images=images, whitening=whitening)
+    export_query_network(nets["student"], tmp_path / "w.onnx", "onnx", check_images=images,
+                         whitening=whitening)
     with pytest.raises(UserError, match="bakes in whitening"):
         check_query_network(GalleryIndex.open(teacher_index), load_query_network(tmp_path / "w.onnx"))
 
@@ -262,8 +269,8 @@ def test_search_command_json_and_contact_sheet(nets, gallery_dir, teacher_index,
 
     query = sorted(gallery_dir.iterdir())[4]
     sheet = tmp_path / "sheet.png"
-    argv = ["search", "--index", str(teacher_index), "--query-network", str(nets["student"]), "--image", str(query),
-            "-k", "5", "--json", "--contact-sheet", str(sheet)]
+    argv = ["search", "--index", str(teacher_index), "--query-network", str(nets["student"]),
+            "--image", str(query), "-k", "5", "--json", "--contact-sheet", str(sheet)]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in result["results"]] == [1, 2, 3, 4, 5]
@@ -293,7 +300,8 @@ def test_endpoint_under_load_answers_every_query_right_and_refuses_malformed_upl
     from amldist.retrieval.loadtest import LoadQuery, run_load_test
     from amldist.retrieval.server import start_in_thread
 
-    export_query_network(nets["student"], tmp_path / "s.onnx", "onnx", check_images=sorted(gallery_dir.iterdir())[:1])
+    export_query_network(nets["student"], tmp_path / "s.onnx", "onnx",
+                         check_images=sorted(gallery_dir.iterdir())[:1])
     searcher = AsymmetricSearch(GalleryIndex.open(teacher_index), load_query_network(tmp_path / "s.onnx"))
     queries = []
     for i, path in enumerate(sorted(gallery_dir.iterdir())[:4]):

@@ -51,7 +51,8 @@ def _config(root, loss: str, mining: str):
     loss_section = {"name": loss, **({"asym": False} if loss == "contrastive" else {})}
     return config_from_dict({
         "data": {"root": str(root), "image_size": SIZE, "workers": 0},
-        "model": {"arch": "mini_cnn", "pretrained": False, "projection_dim": 128, "teacher": str(root / "teacher.pth")},
+        "model": {"arch": "mini_cnn", "pretrained": False, "projection_dim": 128,
+                  "teacher": str(root / "teacher.pth")},
         "loss": loss_section,
         "mining": {"kind": mining, "num_negatives": 3, "queries_per_epoch": 72, "pool_size": 72},
         "optim": {"optimizer": "adam", "lr": 1e-3},
@@ -90,8 +91,8 @@ def world(tmp_path_factory):
     prepare_inputs(config)
     students = {"reg": _train(root, "regression", "none", "reg"),
                 "alone": _train(root, "contrastive", "random", "alone")}
-    build_index(root / "teacher.pth", shard_gallery(root / "shards" / f"roxford5k-{SIZE}" / "db"), root / "index",
-                IndexSettings(image_size=SIZE, workers=0))
+    gallery = shard_gallery(root / "shards" / f"roxford5k-{SIZE}" / "db")
+    build_index(root / "teacher.pth", gallery, root / "index", IndexSettings(image_size=SIZE, workers=0))
     return root, students
 
 
@@ -113,11 +114,12 @@ def test_asymmetric_student_finds_the_landmark_from_its_exported_file(world, tmp
     truth = formats.read_gnd(layout.gnd_path(root, "roxford5k"))
     images = [r.path for r in formats.list_images(root, "roxford5k")["db"][:4]]
     onnx = export_query_network(students["reg"], tmp_path / "reg.onnx", "onnx", check_images=images).path
-    rates = {"teacher": hit_rate(AsymmetricSearch(index, load_query_network(root / "teacher.pth")), truth,
-                                 _whole_queries(root)),
-             "exported": hit_rate(AsymmetricSearch(index, load_query_network(onnx)), truth, _whole_queries(root)),
-             "alone": hit_rate(AsymmetricSearch(index, load_query_network(students["alone"]), skip_teacher_check=True),
-                               truth, _whole_queries(root))}
+    def rate(network, skip=False) -> float:
+        searcher = AsymmetricSearch(index, load_query_network(network), skip_teacher_check=skip)
+        return hit_rate(searcher, truth, _whole_queries(root))
+
+    rates = {"teacher": rate(root / "teacher.pth"), "exported": rate(onnx),
+             "alone": rate(students["alone"], skip=True)}
     chance = chance_hit_rate(truth)
     assert rates["exported"] > 0.5, rates                             # most queries
     assert rates["exported"] >= rates["alone"] + 0.3, rates           # clearly more often than alone

@@ -145,7 +145,7 @@ def network_from_state(state: Any, source: str) -> RetrievalNet:
                         "not a dict")
     architecture = str(meta_dict.get("architecture", "")) if isinstance(meta_dict, dict) else ""
     check_architecture(architecture)
-    _refuse_timm_layout(architecture, weights, source)
+    _refuse_torchvision_layout(architecture, weights, source)
     try:
         meta = NetMeta.from_dict(meta_dict, projection_dim=_stored_projection_dim(architecture, weights))
     except UserError as err:
@@ -156,13 +156,13 @@ def network_from_state(state: Any, source: str) -> RetrievalNet:
     return net
 
 
-def _refuse_timm_layout(architecture: str, weights: dict, source: str) -> None:
-    """aml's EfficientNet-B3 students wrap timm's tf_efficientnet_b3 (other module names, TF 'same'
-    padding); our efficientnet_b3 is torchvision's, so say so instead of listing missing keys."""
-    if architecture == "efficientnet_b3" and any(".conv_dw." in key or ".conv_pwl." in key
-                                                 for key in weights):
-        raise UserError(f"{source}: an aml EfficientNet-B3 file (timm tf_efficientnet_b3 layout); amldist's "
-                        f"efficientnet_b3 is torchvision's and cannot load it")
+def _refuse_torchvision_layout(architecture: str, weights: dict, source: str) -> None:
+    """amldist's efficientnet_b3 is timm's tf_efficientnet_b3, as in aml (whose files load); files from
+    an amldist that built torchvision's EfficientNet-B3 hold '.block.' names: say so instead of listing
+    keys."""
+    if architecture == "efficientnet_b3" and any(".block." in key for key in weights):
+        raise UserError(f"{source}: an EfficientNet-B3 in torchvision's layout (amldist before it used "
+                        f"timm's tf_efficientnet_b3, as aml does); this amldist cannot load it")
 
 
 def _stored_projection_dim(architecture: str, weights: dict) -> int | None:

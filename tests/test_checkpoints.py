@@ -191,17 +191,6 @@ def test_bad_files_are_user_errors(tmp_path):
         load_network_file(not_a_net)
 
 
-def test_aml_timm_efficientnet_file_is_refused_clearly(tmp_path):
-    path = tmp_path / "efficientnet_b3_gem_contr_vgg16.pth.tar"
-    weights = {"features.0.weight": torch.zeros(40, 3, 3, 3),
-               "features.3.0.0.conv_dw.weight": torch.zeros(40, 1, 3, 3)}
-    meta = {"architecture": "efficientnet_b3", "pooling": "gem", "mean": [0.5] * 3, "std": [0.2] * 3,
-            "outputdim": 512}
-    torch.save({"state_dict": weights, "meta": meta}, path)
-    with pytest.raises(UserError, match="timm tf_efficientnet_b3"):
-        load_network_file(path)
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda state: state["meta"].update(outputdim="big"), "meta['outputdim']"),
     (lambda state: state["meta"].update(mean="abc"), "meta['mean']"),

@@ -54,7 +54,8 @@ def test_there_is_a_preset_for_every_row_of_table3_and_table2():
     table2 = {"mnv2-vgg16-contr-pos-asym", "mnv2-vgg16-contr-selfpos-asym"}
     tiny = {"tiny-teacher-contr-sym", "tiny-student-contrplus-asym", "tiny-student-reg-asym",
             "tiny-student-contr-sym"}
-    assert set(PRESETS) == table3 | baselines | teachers | table2 | tiny
+    lite = {name.replace("tiny-", "lite-") for name in tiny}
+    assert set(PRESETS) == table3 | baselines | teachers | table2 | tiny | lite
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -67,7 +68,7 @@ def test_every_preset_loads_validates_and_round_trips(name):
     assert isinstance(build_loss_from_config(config), TupleLoss)
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("tiny-")])
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith(("tiny-", "lite-"))])
 def test_paper_presets_carry_the_section_4_1_settings(name):
     config = load_preset(name)
     raw = preset_dict(name)
@@ -126,14 +127,31 @@ def test_tiny_presets_are_small_and_cpu_friendly():
             assert Path(config.model.teacher).parent.name == teacher.run.name
 
 
-def test_the_tiny_students_are_smaller_than_their_teacher():
+def test_lite_presets_start_from_imagenet_and_stay_cpu_sized():
+    teacher = load_preset("lite-teacher-contr-sym")
+    assert teacher.model.teacher is None and not teacher.loss.asym and teacher.model.pretrained
+    for name in ("lite-student-contrplus-asym", "lite-student-reg-asym", "lite-student-contr-sym"):
+        config = load_preset(name)
+        assert config.model.pretrained and config.model.freeze_batchnorm  # the reference: frozen ImageNet BN
+        assert config.data.image_size == teacher.data.image_size and config.run.epochs <= 20
+        assert config.mining.pool_size <= 1000 and config.mining.queries_per_epoch <= 200
+        if config.loss.asym:  # the teacher's run folder, and its dimension
+            assert Path(config.model.teacher).parent.name == teacher.run.name
+            student = config.model.projection_dim or OUTPUT_CHANNELS[config.model.arch]
+            assert student == (teacher.model.projection_dim or OUTPUT_CHANNELS[teacher.model.arch])
+
+
+@pytest.mark.parametrize("prefix", ["tiny", "lite"])
+def test_the_demo_students_are_smaller_than_their_teacher(prefix):
     # The demo transfers from a large network to a small one, as the paper does (at a smaller ratio).
-    teacher = load_preset("tiny-teacher-contr-sym").model
-    for name in ("tiny-student-contrplus-asym", "tiny-student-reg-asym", "tiny-student-contr-sym"):
-        student = load_preset(name).model
-        big = flops.complexity(teacher.arch, teacher.projection_dim, image_size=128)
+    teacher = load_preset(f"{prefix}-teacher-contr-sym").model
+    big = flops.complexity(teacher.arch, teacher.projection_dim, image_size=128)
+    for name in ("student-contrplus-asym", "student-reg-asym", "student-contr-sym"):
+        student = load_preset(f"{prefix}-{name}").model
         small = flops.complexity(student.arch, student.projection_dim, image_size=128)
-        assert small.flops < big.flops / 2 and small.params < big.params / 2
+        assert small.flops < big.flops and small.params < big.params
+        if prefix == "tiny":
+            assert small.flops < big.flops / 2 and small.params < big.params / 2
 
 
 def test_batchnorm_is_frozen_for_pretrained_networks_unless_set():

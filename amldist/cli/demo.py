@@ -1,7 +1,8 @@
 """`amldist demo`: the end-to-end demo on synthetic landmarks, on this machine (no cluster, GPU or network).
 
-    amldist demo                          # = --preset tiny: about 8 minutes on 2 CPU cores (README, "Demo")
-    amldist demo --preset small           # bigger data, more epochs
+    amldist demo                          # = --preset tiny: plain CNNs from scratch (README, "Demo")
+    amldist demo --preset lite            # ImageNet-pretrained EfficientNet-Lite (presets being chosen)
+    amldist demo --preset small           # bigger data, more epochs (from scratch)
     amldist demo --force teacher          # retrain the teacher (and what depends on it)
     amldist demo --set run.epochs=4       # scale every training run
     amldist demo --search                 # then asymmetric search: export, index, query (make search-demo)
@@ -24,12 +25,14 @@ from amldist.cli.common import add_command, positive_int
 def register(subparsers) -> None:
     from amldist.demo import DEMO_PRESETS
     from amldist.demo.pipeline import FORCE_GROUPS, STAGES
+    from amldist.demo.settings import DEFAULT_DEMO
 
     parser = add_command(subparsers, "demo",
                          "run the end-to-end demo on synthetic data and write a report", run)
-    parser.add_argument("--preset", default="tiny", choices=DEMO_PRESETS,
-                        help="demo size: tiny (default; about 8 min on 2 cores, README \"Demo\"), small "
-                             "(longer); micro is for tests")
+    parser.add_argument("--preset", default=DEFAULT_DEMO, choices=DEMO_PRESETS,
+                        help="demo: tiny (default; plain CNNs from scratch, README \"Demo\"), lite "
+                             "(ImageNet-pretrained EfficientNet-Lite), small (from scratch, longer); micro "
+                             "is for tests")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help=f"redo a stage even if its output exists (repeatable): {', '.join(STAGES)}, or "
                              f"{' / '.join(FORCE_GROUPS)}")

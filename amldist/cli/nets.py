@@ -20,10 +20,12 @@ TEACHER_DIMS = {"vgg16": 512, "resnet101": 2048}
 
 def register(subparsers) -> None:
     nets = add_group(subparsers, "nets", "network facts and conversion")
-    info = add_command(nets, "info", "parameters (M) and GFLOPs of a network (no weights needed)", run_info)
+    info = add_command(nets, "info", "parameters (M) and GFLOPs of a network (no weights needed); without "
+                       "--arch, every architecture and whether its ImageNet weights are installed", run_info)
     from amldist.nets import ARCHITECTURES, POOLINGS
 
-    info.add_argument("--arch", required=True, choices=ARCHITECTURES, help="backbone architecture")
+    info.add_argument("--arch", choices=ARCHITECTURES, default=None,
+                      help="backbone architecture (default: list them all with their ImageNet weights)")
     dims = info.add_mutually_exclusive_group()
     dims.add_argument("--teacher-dim", type=positive_int, default=None,
                       help="add the student's 1x1 projection to this dimension (512 for VGG16, "
@@ -49,8 +51,10 @@ def register(subparsers) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     from amldist.flops import complexity
-    from amldist.nets import OUTPUT_CHANNELS
+    from amldist.nets import OUTPUT_CHANNELS, weights_location
 
+    if args.arch is None:
+        return _list_architectures()
     projection_dim = args.teacher_dim or TEACHER_DIMS.get(args.teacher)
     result = complexity(args.arch, projection_dim, args.image_size, pooling=args.pooling)
     head = f" + 1x1 conv {OUTPUT_CHANNELS[args.arch]}->{projection_dim}" if projection_dim else ""
@@ -58,7 +62,27 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"output dim   {projection_dim or OUTPUT_CHANNELS[args.arch]}")
     print(f"parameters   {result.params_m:.2f} M ({result.params:,})")
     print(f"GFLOPs       {result.gflops:.2f} at {args.image_size}x{args.image_size}")
+    path, source = weights_location(args.arch)
+    print(f"ImageNet     {_weights_state(path, source)}")
     return 0
+
+
+def _list_architectures() -> int:
+    from amldist.nets import ARCHITECTURES, OUTPUT_CHANNELS, weights_location
+
+    print(f"{'architecture':<20}{'D':>6}  ImageNet weights")
+    for architecture in ARCHITECTURES:
+        path, source = weights_location(architecture)
+        print(f"{architecture:<20}{OUTPUT_CHANNELS[architecture]:>6}  {_weights_state(path, source)}")
+    return 0
+
+
+def _weights_state(path, source: str) -> str:
+    if path is not None:
+        return f"installed ({source}: {path})"
+    if source.startswith("none"):
+        return source
+    return f"not on disk ({source}; downloaded on first use)"
 
 
 def run_table1(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The embedded end-to-end demo (`amldist demo`, `make demo`): synthetic data to a Table-3-shaped report.
 
-    settings = demo_settings("tiny")          # or "small"; "micro" is the test-suite's size
+    settings = demo_settings("tiny")          # make demo's; "lite" (pretrained), "small"; "micro": tests
     result = run_demo(settings, force=())     # prints one line per stage, writes runs/demo/report.md
 
 Stages (docs in amldist.demo.pipeline): synthesise and shard the landmark sets, train the teacher, store

@@ -16,12 +16,14 @@ from amldist.datasets import formats, layout
 from amldist.demo import embeddings, plots
 from amldist.demo.evaluation import DESCRIPTORS_DATASET, load_descriptors, load_results
 from amldist.demo.report import Figure, ReportContent, RunSummary, StageTiming
-from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
+from amldist.demo.settings import TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
 from amldist.demo.stages import DemoState, RunOutcome
 from amldist.demo.table import (
     DATASET_LABELS,
+    SizeRow,
     TableRow,
     format_markdown,
+    format_sizes,
     format_table,
     loss_label,
     scores_from_eval,
@@ -194,7 +196,7 @@ def build_figures(state: DemoState, folder: Path) -> list[Figure]:
     negatives = negatives_figure(state, folder)
     if negatives is not None:
         figures.append(negatives)
-    for spec in STUDENT_RUNS:
+    for spec in state.settings.student_runs:
         run = state.runs.get(spec.key)
         if run is not None and run.config.model.teacher:
             figures.append(tsne_figure(state, folder, run))
@@ -234,6 +236,29 @@ def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
     return lines
 
 
+SIZES_CAPTION = ("The networks' cost, as the paper's Table 1 gives it (FLOPs = 2 × "
+                 "multiply-adds of one forward at the training image size; "
+                 "parameters of the backbone and projection, `amldist nets info`).")
+
+
+def size_rows(state: DemoState) -> list[SizeRow]:
+    """The teacher's and each student's FLOPs and parameters (each architecture and d once)."""
+    from amldist.flops import complexity
+    from amldist.training.paths import student_dim
+
+    rows, seen = [], set()
+    for run in ordered_runs(state):
+        model = run.config.model
+        if (model.arch, model.projection_dim) in seen:
+            continue
+        seen.add((model.arch, model.projection_dim))
+        cost = complexity(model.arch, model.projection_dim, state.settings.train_image_size, model.pooling)
+        head = f" + 1×1 conv to {model.projection_dim}" if model.projection_dim else ""
+        rows.append(SizeRow("teacher" if run.spec.key == TEACHER_RUN.key else "student", model.arch + head,
+                            student_dim(run.config), cost.gflops, cost.params_m))
+    return rows
+
+
 def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure], stages: list[StageTiming],
                    command: str, random_ranking: dict[str, dict[str, float]]) -> ReportContent:
     datasets = list(TEST_DATASETS)
@@ -242,9 +267,11 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
                    "which a small synthetic set may not give.")
     raw = (raw_caption, format_markdown(table_rows(state, "raw"), datasets))
     times = (TIME_CAPTION, time_table({run.name: read_metrics(run.run_dir) for run in ordered_runs(state)}))
+    sizes = (SIZES_CAPTION, format_sizes(size_rows(state), state.settings.train_image_size))
     runs = [RunSummary(run.name, run.spec.description, str(run.best_checkpoint), run.config.run.epochs,
                        tuple(str(p) for p in run.wandb_runs)) for run in ordered_runs(state)]
-    notes = [("The numbers are whatever this run produced: small networks trained from scratch for a few "
+    start = "from ImageNet weights" if state.runs[TEACHER_RUN.key].config.model.pretrained else "from scratch"
+    notes = [(f"The numbers are whatever this run produced: small networks trained {start} for a few "
               "epochs on a few hundred synthetic images, so they are far below the paper's; compare the "
               "rows with each other and with the random-ranking floor below, not with the paper."),
              ("ASYMMETRIC TESTING is empty for networks that did not learn from the teacher (their space is "
@@ -252,4 +279,4 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
     return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
                          setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
                          table_markdown=format_markdown(rows, datasets), notes=notes,
-                         extra_tables=[raw, times], figures=figures, runs=runs, stages=stages)
+                         extra_tables=[sizes, raw, times], figures=figures, runs=runs, stages=stages)

@@ -103,9 +103,9 @@ def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "
     try:
         printer.run("synth", lambda: synth_stage(state), state)
         printer.run("shards", lambda: shards_stage(state), state)
-        printer.run(TEACHER_RUN.key, lambda: train_stage(state, TEACHER_RUN, data_inputs), state)
-        printer.run("features", lambda: features_stage(state, STUDENT_RUNS[0]), state)
-        for run in STUDENT_RUNS:
+        printer.run(TEACHER_RUN.key, lambda: train_stage(state, settings.teacher_run, data_inputs), state)
+        printer.run("features", lambda: features_stage(state, settings.student_runs[0]), state)
+        for run in settings.student_runs:
             printer.run(run.key, lambda run=run: _train_student(state, run, data_inputs), state)
     finally:
         if state.ray_started:

@@ -176,3 +176,25 @@ def format_markdown(rows: Sequence[TableRow], datasets: Sequence[str]) -> str:
         cells = _description(row) + [_cell(row.score(m, d, s)) for m, s, d in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SizeRow:
+    role: str                 # "teacher" / "student"
+    network: str              # architecture (+ its 1x1 projection)
+    dim: int
+    gflops: float             # one forward of an image_size x image_size image
+    params_m: float           # millions (backbone + projection; no classifier)
+
+
+def format_sizes(rows: Sequence[SizeRow], image_size: int) -> str:
+    """Table 1 of the paper for the demo's networks, as markdown: FLOPs and parameters, and both
+    relative to the teacher's (the first 'teacher' row)."""
+    teacher = next((row for row in rows if row.role == "teacher"), rows[0] if rows else None)
+    header = (f"| role | network | d | GFLOPs at {image_size}×{image_size} | params (M) | FLOPs vs teacher "
+              "| params vs teacher |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row.role} | {row.network} | {row.dim} | {row.gflops:.3f} | {row.params_m:.2f} | "
+                     f"{row.gflops / teacher.gflops:.2f} | {row.params_m / teacher.params_m:.2f} |")
+    return "\n".join(lines)

@@ -7,6 +7,8 @@ from amldist.nets.backbones import (
     TEACHERS,
     has_imagenet_weights,
     imagenet_state_dict,
+    input_normalisation,
+    weights_location,
 )
 from amldist.nets.meta import IMAGENET_MEAN, IMAGENET_STD, NetMeta
 from amldist.nets.model import RetrievalNet, build_net, create_net, freeze_batchnorm
@@ -31,7 +33,9 @@ __all__ = [
     "gem",
     "has_imagenet_weights",
     "imagenet_state_dict",
+    "input_normalisation",
     "l2_normalize",
     "mac",
     "spoc",
+    "weights_location",
 ]

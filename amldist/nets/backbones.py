@@ -3,12 +3,14 @@
 The module order fixes the parameter names, so networks saved by cirtorch/aml load unchanged:
 - vgg16: torchvision `features` without the last max-pool (ends in ReLU)     -> features.0 ... features.29
 - resnet18/50/101: torchvision children without avgpool and fc                -> features.0 ... features.7
-- mobilenet_v2, efficientnet_b3: torchvision `features` as one block          -> features.0.*
+- mobilenet_v2: torchvision `features` as one block                            -> features.0.*
+- efficientnet_b3, efficientnet_lite0/1/2: timm's tf_ EfficientNets in aml's order
+  (amldist.nets.timm_backbones)                                                -> features.0 ... features.6
 - mini_cnn / small_cnn / wide_cnn: four conv-BN-ReLU layers, widths up to 128 / 128 / 256
                                                                               -> features.0 ... features.11
   (tests and the CPU demo: unlike the ImageNet networks, they learn from scratch in CPU-minutes)
 A student's 1x1 projection (no bias) and its ReLU follow the backbone inside `features`, as in aml
-(`features.1.weight` for mobilenet_v2).
+(`features.1.weight` for mobilenet_v2, `features.7.weight` for the EfficientNets).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import torchvision
 from torch import nn
 
 from amldist.errors import UserError
+from amldist.nets import timm_backbones
+from amldist.nets.meta import IMAGENET_MEAN, IMAGENET_STD
+from amldist.nets.timm_backbones import TIMM_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ OUTPUT_CHANNELS = {
     "resnet50": 2048,
     "resnet101": 2048,
     "mobilenet_v2": 1280,
-    "efficientnet_b3": 1536,
+    **{architecture: spec.channels for architecture, spec in TIMM_ARCHITECTURES.items()},
     "mini_cnn": 128,
     "small_cnn": 128,
     "wide_cnn": 256,
@@ -63,6 +68,8 @@ def backbone_layers(architecture: str, pretrained: bool) -> list[nn.Module]:
         if pretrained:
             log.debug("%s has no pretrained weights; it starts from random weights", architecture)
         return _plain_cnn_layers(_PLAIN_CNN_WIDTHS[architecture])
+    if architecture in TIMM_ARCHITECTURES:
+        return timm_backbones.timm_backbone_layers(architecture, pretrained)
     net = getattr(torchvision.models, architecture)(weights=None)
     if pretrained:
         net.load_state_dict(imagenet_state_dict(architecture))
@@ -84,8 +91,27 @@ def num_backbone_layers(architecture: str) -> int:
         return len(backbone_layers(architecture, pretrained=False))
 
 
+def input_normalisation(architecture: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) of the images the architecture's ImageNet weights were trained on."""
+    spec = TIMM_ARCHITECTURES.get(architecture)
+    return (spec.mean, spec.std) if spec is not None else (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def has_imagenet_weights(architecture: str) -> bool:
+    """Whether ImageNet weights exist for the architecture at all (on disk or not: `weights_location`)."""
     return architecture not in _PLAIN_CNN_WIDTHS
+
+
+def weights_location(architecture: str) -> tuple[Path | None, str]:
+    """Where the ImageNet weights of `architecture` are on disk (None: not there, or none exist) and
+    where they come from, for `amldist nets info`."""
+    check_architecture(architecture)
+    if not has_imagenet_weights(architecture):
+        return None, "none (learns from scratch)"
+    if architecture in TIMM_ARCHITECTURES:
+        return timm_backbones.weights_location(architecture)
+    cached, url = hub_checkpoint_path(architecture)
+    return (cached if cached.is_file() else None), f"torch hub {url}"
 
 
 def _plain_cnn_layers(widths: tuple[int, ...]) -> list[nn.Module]:
@@ -104,7 +130,11 @@ def hub_checkpoint_path(architecture: str) -> tuple[Path, str]:
 
 
 def imagenet_state_dict(architecture: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights: from the torch hub cache, else downloaded (unless offline)."""
+    """The ImageNet weights in the parameter names of the library that builds the architecture: torchvision's
+    from the torch hub cache, else downloaded (unless offline); timm's see amldist.nets.timm_backbones."""
+    check_architecture(architecture)
+    if architecture in TIMM_ARCHITECTURES:
+        return timm_backbones.imagenet_state_dict(architecture)
     cached, url = hub_checkpoint_path(architecture)
     if cached.is_file():
         return torch.load(cached, map_location="cpu", weights_only=True)

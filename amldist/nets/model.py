@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from amldist.errors import UserError
-from amldist.nets.backbones import OUTPUT_CHANNELS, backbone_layers, check_architecture, projection_layers
+from amldist.nets.backbones import (
+    OUTPUT_CHANNELS,
+    backbone_layers,
+    check_architecture,
+    input_normalisation,
+    projection_layers,
+)
 from amldist.nets.meta import NetMeta
 from amldist.nets.padding import PaddedForward, host_sizes, valid_mask
 from amldist.nets.pooling import POOLINGS, l2_normalize
@@ -66,8 +72,9 @@ def create_net(architecture: str, pooling: str = "gem", projection_dim: int | No
     """Build a retrieval network. `projection_dim` adds the student's 1x1 conv + ReLU to that dimension
     (the teacher's d); `whitening` adds cirtorch's learned FC whitening (the '-w' networks)."""
     check_architecture(architecture)
+    mean, std = input_normalisation(architecture)
     meta = NetMeta(architecture=architecture, pooling=pooling,
-                   outputdim=projection_dim or OUTPUT_CHANNELS[architecture],
+                   outputdim=projection_dim or OUTPUT_CHANNELS[architecture], mean=list(mean), std=list(std),
                    projection_dim=projection_dim, whitening=whitening)
     return build_net(meta, pretrained=pretrained)
 

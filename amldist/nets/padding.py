@@ -5,19 +5,23 @@ region is not enough: every convolution near the padding edge would read padded 
 lone image reads its convolution's zero padding. So, for the duration of a padded forward, each
 spatial layer (convolutions wider than 1x1, pooling layers, squeeze-excitation averages) gets a hook
 that resets its input outside the image's valid region to what a lone image's padding holds (0, or
--inf for max pooling). The valid size at each layer comes from one shape-only forward per distinct
-image size on an empty batch (no arithmetic), cached. Batched embeddings then equal one-at-a-time
+-inf for max pooling). TensorFlow 'same' convolutions (`SamePadConv2d`) pad by an amount that depends
+on the input size, so their hook also shifts each image to where its own padding would put it. The
+valid size at each layer comes from one shape-only forward per distinct image size on an empty batch
+(no arithmetic), cached. Batched embeddings then equal one-at-a-time
 embeddings up to float rounding, as long as BatchNorm uses running statistics (eval or frozen BN).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amldist.nets.pooling import masked_adaptive_avg, max_pool_padding_value
@@ -31,6 +35,46 @@ _MAX_POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _CACHE_LIMIT = 4096
 
 Size = tuple[int, int]
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's 'SAME' padding of one dimension: (before, after), the odd pixel after."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's 'SAME' padding (output ceil(size / stride)), padded from the input
+    size at every call. TF-trained weights (EfficientNet) expect it: with stride 2 an even input gets no
+    padding before, an odd one a pixel more. Parameters are nn.Conv2d's (padding 0)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def align_for_same_padding(conv: SamePadConv2d, x: Tensor, sizes: Sequence[Size]) -> Tensor:
+    """Move each zero-padded image of `x` (B, C, H, W; valid (h, w) = `sizes`) so that `conv`'s padding of
+    the batch gives every image the padding before it that it gets alone.
+
+    The batch is first extended to a multiple of the stride (the output size does not change), where
+    'SAME' pads least; an image whose own padding is larger is shifted down/right by the difference.
+    It still fits: padding before grows by at most the rows an image lacks to a multiple of the stride."""
+    height, width = x.shape[-2:]
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    new_height, new_width = math.ceil(height / sh) * sh, math.ceil(width / sw) * sw
+    base_top, base_left = same_padding(new_height, kh, sh, dh)[0], same_padding(new_width, kw, sw, dw)[0]
+    offsets = [(same_padding(h, kh, sh, dh)[0] - base_top, same_padding(w, kw, sw, dw)[0] - base_left)
+               for h, w in sizes]
+    if (new_height, new_width) == (height, width) and not any(top or left for top, left in offsets):
+        return x
+    out = x.new_zeros(*x.shape[:2], new_height, new_width)
+    for top, left in set(offsets):
+        rows = torch.tensor([i for i, offset in enumerate(offsets) if offset == (top, left)], device=x.device)
+        h, w = min(height, new_height - top), min(width, new_width - left)  # what is cut is padding
+        out[rows, :, top:top + h, left:left + w] = x[rows, :, :h, :w]
+    return out
 
 
 def spatial_modules(features: nn.Module) -> list[nn.Module]:
@@ -122,6 +166,7 @@ class PaddedForward:
         masks: dict[tuple, Tensor] = {}
 
         def mask_for(index: int, height: int, width: int) -> Tensor | None:
+            """The valid region of each image at layer `index`, or None where nothing is padding."""
             sizes = layer_sizes[index]
             if any(s is None for s in sizes) or all(s == (height, width) for s in sizes):
                 return None
@@ -130,7 +175,7 @@ class PaddedForward:
                 masks[key] = valid_mask(sizes_on(sizes, x.device), height, width)
             return masks[key]
 
-        handles = [_install(layer, index, mask_for) for index, layer in enumerate(layers)]
+        handles = [_install(layer, index, mask_for, layer_sizes[index]) for index, layer in enumerate(layers)]
         try:
             yield sizes_on([out_size for _, out_size in per_image], x.device)
         finally:
@@ -138,20 +183,24 @@ class PaddedForward:
                 handle.remove()
 
 
-def _install(layer: nn.Module, index: int, mask_for):
+def _install(layer: nn.Module, index: int, mask_for, sizes: list[Size | None]):
     if isinstance(layer, nn.AdaptiveAvgPool2d):
         return layer.register_forward_hook(_average_hook(layer, index, mask_for))
-    return layer.register_forward_pre_hook(_input_hook(index, mask_for, isinstance(layer, _MAX_POOLS)))
+    align = isinstance(layer, SamePadConv2d)
+    return layer.register_forward_pre_hook(_input_hook(index, mask_for, isinstance(layer, _MAX_POOLS), align,
+                                                       sizes))
 
 
-def _input_hook(index: int, mask_for, is_max_pool: bool):
+def _input_hook(index: int, mask_for, is_max_pool: bool, align: bool, sizes: list[Size | None]):
     def hook(module, args):
         x = args[0]
         mask = mask_for(index, x.shape[-2], x.shape[-1])
         if mask is None:
             return None
-        fill = max_pool_padding_value(x) if is_max_pool else 0.0
-        return (x.masked_fill(~mask, fill), *args[1:])
+        x = x.masked_fill(~mask, max_pool_padding_value(x) if is_max_pool else 0.0)
+        if align:  # mask_for found every size, so none is None
+            x = align_for_same_padding(module, x, sizes)
+        return (x, *args[1:])
     return hook
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_data import generate_preset
 
 from amldist.checkpoints import export_network_file, save_checkpoint
 from amldist.config import config_from_dict
@@ -30,7 +31,6 @@ from amldist.retrieval.query import AsymmetricSearch
 from amldist.retrieval.query_net import load_query_network
 from amldist.shards import shard_dataset
 from amldist.synth import presets as synth_presets
-from amldist.synth.writer import generate
 from amldist.teacher_features import compute_features
 from amldist.training.epoch import Trainer
 from amldist.training.paths import default_store_dir, prepare_inputs, read_labels, resolve_paths
@@ -78,11 +78,7 @@ def _train(root, loss: str, mining: str, name: str):
 def world(tmp_path_factory):
     """Synthetic data, a random teacher and its features, the two students, the teacher's gallery index."""
     root = tmp_path_factory.mktemp("asym-search")
-    synth_presets.PRESETS[PRESET.name] = PRESET
-    try:
-        generate(root, PRESET.name, seed=0, workers=1)
-    finally:
-        del synth_presets.PRESETS[PRESET.name]
+    generate_preset(root, PRESET)
     shard_dataset(root, "retrieval-SfM-120k", image_size=SIZE, splits=["train", "val"], workers=0)
     shard_dataset(root, "roxford5k", image_size=SIZE, splits=["db"], workers=0)
     torch.manual_seed(2)

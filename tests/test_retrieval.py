@@ -130,6 +130,23 @@ def test_exported_student_reproduces_its_checkpoint(nets, gallery_dir, whitening
         assert np.abs(query.embed(picture, box) - checkpoint.embed(picture, box)).max() <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_exported_efficientnet_lite_student_pads_each_image_size_as_tensorflow(gallery_dir, tmp_path):
+    """Issue 20's pretrained students use TensorFlow-'SAME' convolutions, whose padding depends on the
+    input size: one ONNX graph must pad every image (odd, even, cropped) as the checkpoint does."""
+    torch.manual_seed(4)
+    student = create_net("efficientnet_lite0", "gem", 64, pretrained=False)
+    path = save_checkpoint(tmp_path / "lite.pt", student, epoch=1, config={"data": {"image_size": SIZE}})
+    report = export_query_network(path, tmp_path / "lite.onnx", "onnx",
+                                  check_images=sorted(gallery_dir.iterdir())[:2])
+    assert report.check.passed, report.check.line("onnx")
+    query, checkpoint = load_query_network(tmp_path / "lite.onnx"), load_query_network(path)
+    checkpoint.configure(SIZE, (1.0,), None)
+    picture = _picture(151, 77, seed=13)
+    for box in (None, (3.5, 10.0, 120.2, 70.0)):
+        assert np.abs(query.embed(picture, box) - checkpoint.embed(picture, box)).max() <= TOLERANCE
+
+
 def test_export_command_prints_the_check_and_refuses_bad_outputs(nets, gallery_dir, tmp_path, capsys):
     from amldist.cli.main import main
 
@@ -280,11 +297,15 @@ def test_search_command_json_and_contact_sheet(nets, gallery_dir, teacher_index,
     searcher = AsymmetricSearch(GalleryIndex.open(teacher_index), load_query_network(nets["student"]))
     hits = searcher.search(Image.open(query).convert("RGB"), None, 5)
     assert [h.name for h in hits] == [r["name"] for r in result["results"]]
-    # Refusals are one line, exit 2: another teacher, a box outside the image, a malformed box.
-    for extra in (["--query-network", str(nets["other"])], ["--bbx", "0,0,5000,10"], ["--bbx", "1,2,3"]):
+    # Refusals are one line, exit 2: another teacher, another dimension, a box outside the image, a
+    # malformed box.
+    for extra in (["--query-network", str(nets["other"])],
+                  ["--query-network", str(nets["small"]), "--skip-teacher-check"],
+                  ["--bbx", "0,0,5000,10"], ["--bbx", "1,2,3"]):
         assert main([*argv[:-2], *extra]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and "trained against teacher" in errors[0] and "not inside" in errors[1]
+    assert len(errors) == 4 and "trained against teacher" in errors[0] and "gives 64-D" in errors[1]
+    assert "not inside" in errors[2] and "four numbers" in errors[3]
     assert parse_bbx("1, 2.5,3,4") == (1.0, 2.5, 3.0, 4.0)
 
 
@@ -321,3 +342,18 @@ def test_endpoint_under_load_answers_every_query_right_and_refuses_malformed_upl
     assert {m["status"] for m in report.malformed} == {400}
     with pytest.raises(UserError, match="loopback"):
         run_load_test("http://10.0.0.1:80", queries, duration_s=1.0)
+
+
+def test_endpoint_refuses_an_oversized_upload_with_413(nets, teacher_index):
+    import urllib.error
+    import urllib.request
+
+    from amldist.retrieval.server import start_in_thread
+
+    searcher = AsymmetricSearch(GalleryIndex.open(teacher_index), load_query_network(nets["student"]))
+    with start_in_thread(searcher, max_upload=4096) as server:
+        request = urllib.request.Request(f"{server.url}/search", data=b"\xff" * 10_000, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        reply = json.loads(refused.value.read())
+    assert refused.value.code == 413 and "exceeds" in reply["error"] and "\n" not in reply["error"]

@@ -16,7 +16,7 @@ PIL's thumbnail, reproduced to the integer (Pillow >= 13):
    fractional bits, output clip((2^21 + sum pixel * coefficient) >> 22). Pillow 13 runs the vertical
    pass first when the height loses more than twice as many pixels as the width (earlier versions
    always ran the horizontal pass first; the order changes the rounding).
-All sums are of integers in float64, hence exact; `tests/test_retrieval_export.py` compares the result
+All sums are of integers in float64, hence exact; `tests/test_retrieval.py` compares the result
 with PIL pixel for pixel. A pass works on rows: the resampled axis first, the other axes flattened.
 Sizes in floating-point arithmetic are (1,) float64 tensors, never 0-d ones: torch's ONNX exporter types
 0-d tensors like Python numbers and would compute with them in float32.

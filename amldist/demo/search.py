@@ -21,7 +21,7 @@ import numpy as np
 
 from amldist.atomic import atomic_write_json, atomic_write_text
 from amldist.datasets import formats, layout
-from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, TEST_DATASETS, DemoSettings
+from amldist.demo.settings import TEACHER_RUN, TEST_DATASETS, DemoSettings
 from amldist.errors import UserError, require
 from amldist.extract import FileSource
 
@@ -42,7 +42,8 @@ class SearchRow:
 def _best(settings: DemoSettings, key: str) -> Path:
     from amldist.training.state import BEST_FILE
 
-    run = TEACHER_RUN if key == TEACHER_RUN.key else next(r for r in STUDENT_RUNS if r.key == key)
+    run = settings.teacher_run if key == TEACHER_RUN.key else next(r for r in settings.student_runs
+                                                                   if r.key == key)
     path = settings.run_dir(run) / BEST_FILE
     require(path.is_file(), f"{path} is missing: run `amldist demo --preset {settings.name}` first")
     return path

@@ -83,7 +83,7 @@ async def search_handler(request: web.Request) -> web.Response:
         image = _decode(await _body(request))
         check_bbx(bbx, image.size)
     except web.HTTPRequestEntityTooLarge:
-        return _refuse(413, f"the upload exceeds {request.app[MAX_UPLOAD] >> 20} MB")
+        return _refuse(413, f"the upload exceeds the limit of {request.app[MAX_UPLOAD]:,} bytes")
     except UserError as err:
         return _refuse(400, str(err))
     searcher = request.app[SEARCHER]

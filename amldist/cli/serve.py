@@ -20,17 +20,19 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
+    from amldist.retrieval.server import DEFAULT_PORT, DEFAULT_THREADS, LOOPBACK, MAX_UPLOAD_BYTES
+
     parser = add_command(subparsers, "serve", "serve asymmetric search over HTTP (loopback by default)", run)
     parser.add_argument("--index", required=True, type=existing_dir, help="an index folder (amldist index)")
     parser.add_argument("--query-network", required=True, type=existing_file,
                         help="the student: an amldist checkpoint or an `amldist export` file")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    parser.add_argument("--threads", type=positive_int, default=2,
-                        help="queries computed at once (default 2)")
-    parser.add_argument("--max-upload-mb", type=positive_int, default=20,
-                        help="largest upload (default 20 MB)")
+    parser.add_argument("--host", default=LOOPBACK,
+                        help=f"address to listen on (default {LOOPBACK}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                        help=f"queries computed at once (default {DEFAULT_THREADS})")
+    parser.add_argument("--max-upload-mb", type=positive_int, default=MAX_UPLOAD_BYTES >> 20,
+                        help=f"largest upload (default {MAX_UPLOAD_BYTES >> 20} MB)")
     parser.add_argument("--skip-teacher-check", action="store_true",
                         help="serve even a network that records no teacher or another one")
 

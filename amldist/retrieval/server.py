@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 8765
+DEFAULT_THREADS = 2
 MAX_UPLOAD_BYTES = 20 << 20
 MAX_PIXELS = 50_000_000  # larger uploads are refused before decoding (PIL's own bomb limit is ~179 MP)
 SEARCHER = web.AppKey("searcher", AsymmetricSearch)
@@ -98,7 +99,7 @@ async def health_handler(request: web.Request) -> web.Response:
                               "index": str(searcher.index.path), "query_network": str(searcher.query.path)})
 
 
-def make_app(searcher: AsymmetricSearch, threads: int = 2,
+def make_app(searcher: AsymmetricSearch, threads: int = DEFAULT_THREADS,
              max_upload: int = MAX_UPLOAD_BYTES) -> web.Application:
     app = web.Application(client_max_size=max_upload)
     app[SEARCHER] = searcher
@@ -114,8 +115,8 @@ def make_app(searcher: AsymmetricSearch, threads: int = 2,
     return app
 
 
-def serve(searcher: AsymmetricSearch, host: str = LOOPBACK, port: int = DEFAULT_PORT, threads: int = 2,
-          max_upload: int = MAX_UPLOAD_BYTES) -> None:
+def serve(searcher: AsymmetricSearch, host: str = LOOPBACK, port: int = DEFAULT_PORT,
+          threads: int = DEFAULT_THREADS, max_upload: int = MAX_UPLOAD_BYTES) -> None:
     """Serve until interrupted (Ctrl-C)."""
     web.run_app(make_app(searcher, threads, max_upload), host=host, port=port, print=None,
                 access_log=None, handle_signals=True)
@@ -142,8 +143,8 @@ class RunningServer:
         self.stop()
 
 
-def start_in_thread(searcher: AsymmetricSearch, host: str = LOOPBACK, port: int = 0, threads: int = 2,
-                    max_upload: int = MAX_UPLOAD_BYTES) -> RunningServer:
+def start_in_thread(searcher: AsymmetricSearch, host: str = LOOPBACK, port: int = 0,
+                    threads: int = DEFAULT_THREADS, max_upload: int = MAX_UPLOAD_BYTES) -> RunningServer:
     """Start the endpoint on a background thread; port 0 takes a free port."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(make_app(searcher, threads, max_upload), access_log=None)

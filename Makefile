@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_PRESET ?= tiny
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo search-demo bench lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/amldist demo --preset $(DEMO_PRESET)
+
+# The demo (its finished stages reused), then asymmetric search from the exported students (docs/SEARCH.md).
+search-demo: $(STAMP)
+	$(VENV)/bin/amldist demo --preset $(DEMO_PRESET) --search
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -148,3 +148,92 @@ def torch_topk_search(db: np.ndarray, device: str = "cuda", max_scores: int = TO
         return np.concatenate(scores), np.concatenate(ids)
 
     return topk
+
+
+# ---------------------------------------------------------------- stored gallery indexes (amldist index)
+
+INDEX_KINDS = ("flat", "ivfpq")
+PQ_BITS = 8                  # bits per PQ code (256 centroids per sub-quantizer) unless the gallery is small
+PQ_DIMS_PER_CODE = 8         # one byte per 8 dimensions by default: 1/32 of the float32 vectors
+POINTS_PER_LIST = 39         # faiss's minimum of training points per k-means centroid
+
+
+def ivfpq_parameters(count: int, dim: int, nlist: int | None = None, pq_m: int | None = None,
+                     nprobe: int | None = None) -> dict[str, int]:
+    """IVF-PQ settings for `count` vectors of `dim`: about 4 sqrt(N) lists with >= 39 training points each,
+    `dim / 8` one-byte codes (a divisor of dim), fewer code bits when the gallery has fewer than 256 *
+    39 points, and a quarter of the lists probed. Given values are kept (and checked)."""
+    nlist = nlist or max(1, min(int(4 * count ** 0.5), count // POINTS_PER_LIST))
+    if pq_m is None:
+        pq_m = max(m for m in range(1, max(1, dim // PQ_DIMS_PER_CODE) + 1) if dim % m == 0)
+    nbits = max(1, min(PQ_BITS, int(np.log2(max(2, count // POINTS_PER_LIST)))))
+    nprobe = nprobe or max(1, nlist // 4)
+    if dim % pq_m or nlist > count or nprobe > nlist:
+        raise UserError(f"IVF-PQ needs pq_m dividing {dim}, nlist <= {count} images and nprobe <= nlist; "
+                        f"got pq_m {pq_m}, nlist {nlist}, nprobe {nprobe}")
+    return {"nlist": int(nlist), "pq_m": int(pq_m), "nbits": int(nbits), "nprobe": int(nprobe)}
+
+
+def build_faiss_index(vectors: np.ndarray, kind: str = "flat", params: dict[str, int] | None = None):
+    """A faiss inner-product index over `vectors` (N, D): exact flat, or IVF-PQ trained on all of them
+    (faiss's k-means is seeded, so the same vectors give the same index)."""
+    vectors = _as_float32(vectors, "vectors")
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivfpq":
+        params = params or ivfpq_parameters(len(vectors), dim)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"],
+                                 params["nbits"], faiss.METRIC_INNER_PRODUCT)
+        # ivfpq_parameters already sizes lists and codes to the gallery; faiss would still warn, once per
+        # sub-quantizer, about small galleries that have fewer than 39 points per code.
+        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
+        index.train(vectors)
+        index.nprobe = params["nprobe"]
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
+    index.add(vectors)
+    return index
+
+
+def index_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of `queries` (Q, D) in a faiss index: (scores, ids), best first; k is capped at its size."""
+    queries = _as_float32(queries, "queries")
+    if queries.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the index {index.d}")
+    k = min(int(k), index.ntotal)
+    if k <= 0 or len(queries) == 0:
+        return _empty(len(queries), k)
+    return index.search(queries, k)
+
+
+def write_faiss_index(index, path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def read_faiss_index(path):
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1][:200]
+        raise UserError(f"{path}: not a readable faiss index ({reason})") from None
+
+
+def recall_against_flat(index, vectors: np.ndarray, k: int, max_queries: int = 1000) -> tuple[float, int]:
+    """Recall@k of `index` against an exact search of the same `vectors`: up to `max_queries` of them
+    (evenly spaced) serve as queries, and each one's own row is left out of both rankings (it would be
+    found trivially). Returns (mean fraction of the exact top k found, queries used)."""
+    vectors = _as_float32(vectors, "vectors")
+    positions = np.unique(np.linspace(0, len(vectors) - 1, min(max_queries, len(vectors))).astype(np.int64))
+    k = min(int(k), len(vectors) - 1)
+    if k <= 0:
+        return 1.0, 0
+    _, approx = index_search(index, vectors[positions], k + 1)
+    _, exact = search(vectors, vectors[positions], k + 1)
+    found = [len(set(_others(a, p, k)) & set(_others(e, p, k))) / k
+             for a, e, p in zip(approx, exact, positions)]
+    return float(np.mean(found)), len(positions)
+
+
+def _others(row: np.ndarray, own: int, k: int) -> list[int]:
+    return [int(i) for i in row if i != own and i >= 0][:k]

@@ -353,6 +353,18 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
     assert all(statuses[name] == "reused" for name in STAGES if name != "report"), statuses
     assert again.table_text == result.table_text
 
+    # Asymmetric search on the micro networks (amldist demo --search): export, index, query, report.
+    from amldist.demo.search import run_search_demo
+
+    rows = run_search_demo(settings, echo=print)
+    search = report / "search"
+    expected = {"contrplus.onnx", "reg.onnx", "index-roxford5k", "index-rparis6k", "search.md", "search.json",
+                "contact_sheet.png"}
+    assert {p.name for p in search.iterdir()} >= expected
+    assert [r.label.split()[0] for r in rows] == ["contrplus", "reg", "student", "teacher"]
+    assert all(0.0 <= rate <= 1.0 for row in rows for rate in row.hit_rates.values())
+    assert "records no teacher" in json.loads((search / "search.json").read_text())["refusal"]
+
 
 def test_time_table_gives_each_runs_mean_epoch_and_miner_wait_share():
     from amldist.demo.assemble import time_table

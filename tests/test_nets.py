@@ -225,6 +225,22 @@ def test_padded_batch_gradients_match_one_at_a_time(architecture):
     torch.testing.assert_close(net.features[0].weight.grad, single, atol=1e-5, rtol=1e-4)
 
 
+def test_traced_same_padding_follows_every_input_size():
+    """An export traces SamePadConv2d once; Python arithmetic on the traced size would fix the example's
+    padding in the graph, so odd and even sizes of every stride must still get their own."""
+    import warnings
+
+    torch.manual_seed(3)
+    net = _same_padded_net().eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on sizes; the comparison below is the check
+        traced = torch.jit.trace(net.features, torch.randn(1, 3, 12, 16), check_trace=False)
+        for h, w in [(12, 16), (13, 17), (7, 30), (1, 2), (33, 9)]:
+            x = torch.randn(1, 3, h, w)
+            expected = net.features(x)
+            assert torch.equal(traced(x), expected), (h, w)
+
+
 def test_pad_batch_layout():
     images = [torch.ones(3, 2, 4), 2 * torch.ones(3, 3, 1)]
     batch, valid_hw = pad_batch(images)

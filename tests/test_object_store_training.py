@@ -13,6 +13,8 @@ from train_data import make_config, make_train_data, shard_folder
 from amldist import node_cache, storage
 from amldist.checkpoints import safe_torch_load
 from amldist.errors import UserError
+from amldist.feature_store import file_sha256
+from amldist.nets.meta import TEACHER_KEY
 from amldist.training.paths import resolve_paths
 from amldist.training.state import CHECKPOINT_FILE
 from amldist.wandb_log import read_metrics
@@ -98,3 +100,5 @@ def test_a_run_reads_the_bucket_writes_checkpoints_there_and_resumes(bucket, tmp
     assert state["epoch"] == 2 and state["metrics"]["progress"]["global_step"] == 2 * 6
     adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {2 * 6}  # the optimiser state of epoch 0 came back from the bucket
+    # The worker has no copy of the teacher store, yet the student records its teacher (amldist search).
+    assert state["meta"][TEACHER_KEY]["network_sha256"] == file_sha256(root / "teacher.pth")

@@ -24,11 +24,7 @@ PRESET = synth_presets.Preset(
 
 def make_train_data(root: Path) -> Path:
     """Synthesise, shard, and compute the teacher's features (train and val) into `root` (~2 s)."""
-    synth_presets.PRESETS[PRESET.name] = PRESET
-    try:
-        generate(root, PRESET.name, seed=0, workers=1)
-    finally:
-        del synth_presets.PRESETS[PRESET.name]
+    generate_preset(root, PRESET)
     shard_dataset(root, "retrieval-SfM-120k", image_size=IMAGE_SIZE, splits=["train", "val"], workers=0)
     torch.manual_seed(1)
     export_network_file(root / "teacher.pth", create_net("small_cnn", "gem", None, pretrained=False))
@@ -36,6 +32,15 @@ def make_train_data(root: Path) -> Path:
     compute_features(root / "teacher.pth", shard_folder(root) / "train", default_store_dir(config))
     prepare_inputs(config)  # also computes the val store
     return root
+
+
+def generate_preset(root: Path, preset: synth_presets.Preset, seed: int = 0) -> None:
+    """Synthesise a data set from a preset that is not in the registry (registered only meanwhile)."""
+    synth_presets.PRESETS[preset.name] = preset
+    try:
+        generate(root, preset.name, seed=seed, workers=1)
+    finally:
+        del synth_presets.PRESETS[preset.name]
 
 
 def shard_folder(root):

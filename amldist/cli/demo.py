@@ -5,6 +5,7 @@
     amldist demo --preset small           # bigger data, more epochs (from scratch)
     amldist demo --force teacher          # retrain the teacher (and what depends on it)
     amldist demo --set run.epochs=4       # scale every training run
+    amldist demo --search                 # then asymmetric search: export, index, query (make search-demo)
 
 Synthesises and shards the datasets, trains a teacher, stores its features, trains three students
 through `amldist train` (Ray local mode), evaluates them through `amldist eval`, prints a table shaped
@@ -45,6 +46,9 @@ def register(subparsers) -> None:
                         help="report folder (default runs/demo, or runs/demo-PRESET for other sizes)")
     parser.add_argument("--num-workers", type=positive_int, default=2,
                         help="Ray Train workers per run (default 2)")
+    parser.add_argument("--search", action="store_true",
+                        help="then export the asymmetric students, index the test sets with the teacher and "
+                             "query them (report in OUT/search/)")
     parser.add_argument("--wandb", choices=("offline", "off"), default="offline",
                         help="wandb mode of the training runs "
                              "(default offline: files only, nothing uploaded)")
@@ -62,4 +66,8 @@ def run(args: argparse.Namespace) -> int:
     command = "amldist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else \
         f"amldist demo --preset {args.preset}"
     run_demo(settings, force=args.force, command=command)
+    if args.search:
+        from amldist.demo.search import run_search_demo
+
+        run_search_demo(settings)
     return 0

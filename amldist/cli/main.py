@@ -24,6 +24,10 @@ COMMAND_MODULES = (
     "amldist.cli.eval",
     "amldist.cli.train",
     "amldist.cli.tune",
+    "amldist.cli.export",
+    "amldist.cli.index",
+    "amldist.cli.search",
+    "amldist.cli.serve",
     "amldist.cli.demo",
 )
 

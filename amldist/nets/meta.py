@@ -4,7 +4,9 @@ cirtorch and budnikm/aml keep a plain dict in each network file: architecture, p
 outputdim, and the flags local_whitening / regional / whitening (plus an optional precomputed
 whitening 'Lw'). `NetMeta` holds the same fields typed, adds `projection_dim` (the student's 1x1
 convolution to the teacher's dimension) and keeps every other key in `extra`, so a file read and
-written again loses nothing.
+written again loses nothing. A student trained in a teacher's space records that teacher in
+`extra[TEACHER_KEY]` ({'network_sha256', 'architecture', 'dim', 'network'}, from the teacher's feature
+store), which is how a gallery indexed by the teacher recognises its students.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from amldist.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TEACHER_KEY = "teacher"
 
 # Keys with a typed field; anything else in a meta dict (e.g. 'Lw') goes to `extra`.
 _TYPED_KEYS = ("architecture", "pooling", "outputdim", "mean", "std", "projection_dim",

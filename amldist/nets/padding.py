@@ -49,9 +49,28 @@ class SamePadConv2d(nn.Conv2d):
     padding before, an odd one a pixel more. Parameters are nn.Conv2d's (padding 0)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():  # an export (amldist.retrieval.export): one graph for every input size
+            for axis in (-2, -1):
+                x = traced_same_pad(x, axis, self.kernel_size[axis], self.stride[axis], self.dilation[axis])
+            return super().forward(x)
         top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
         left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
         return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def traced_same_pad(x: Tensor, axis: int, kernel: int, stride: int, dilation: int) -> Tensor:
+    """`same_padding` of one axis with tensor operations only, for a trace (TorchScript, ONNX) that must
+    serve any input size: Python arithmetic on a traced size would fix the example's padding in the graph.
+
+    The total never exceeds (kernel - 1) * dilation, so the axis is zero-padded by that much on both
+    sides (a constant), and the rows of the size-dependent padding are then gathered from it."""
+    most = (kernel - 1) * dilation
+    size = torch._shape_as_tensor(x)[axis % x.dim():][:1]  # (1,) int64, a graph value in the trace
+    total = torch.clamp(((size + stride - 1) // stride - 1) * stride + most + 1 - size, min=0)
+    before = total // 2
+    pad = [0, 0] * (x.dim() - axis % x.dim() - 1) + [most, most]
+    rows = torch.arange((size + total)[0]) + (most - before)
+    return F.pad(x, pad).index_select(axis % x.dim(), rows)
 
 
 def align_for_same_padding(conv: SamePadConv2d, x: Tensor, sizes: Sequence[Size]) -> Tensor:

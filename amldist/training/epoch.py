@@ -39,6 +39,7 @@ from amldist.errors import UserError
 from amldist.extract import embed
 from amldist.miner_actor import MinerClient
 from amldist.nets import create_net
+from amldist.nets.meta import TEACHER_KEY
 from amldist.training import collective
 from amldist.training.data import TrainImages, split_source, step_loader
 from amldist.training.family import NO_NEGATIVES, RANDOM_NEGATIVES, STUDENT_POOL, tuple_family
@@ -49,7 +50,7 @@ from amldist.training.optim import (
     set_train_mode,
     start_epoch_schedule,
 )
-from amldist.training.paths import TrainingPaths, read_labels
+from amldist.training.paths import TrainingPaths, read_labels, teacher_record
 from amldist.training.plan import (
     EpochTuples,
     StepTuples,
@@ -139,6 +140,9 @@ class Trainer:
         model = config.model
         torch.manual_seed(config.run.seed)  # the same initial student on every rank and every run
         self.net = create_net(model.arch, model.pooling, model.projection_dim, pretrained=model.pretrained)
+        if paths.train_store is not None and (self.family.asym or self.family.use_self):
+            # The student learns the teacher's space: its checkpoints say which teacher (amldist search).
+            self.net.meta.extra[TEACHER_KEY] = teacher_record(paths.train_store)
         self.freeze_batchnorm = bool(model.freeze_batchnorm)
         self.settings = StepSettings.for_device(self.device, all_images=self.family.students_references,
                                                 exact_shapes=not self.freeze_batchnorm,

@@ -18,7 +18,7 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
-from amldist import node_cache
+from amldist import feature_store, node_cache, storage
 from amldist.config.resolve import TEACHER_FILE_SUFFIXES
 from amldist.datasets import formats, layout
 from amldist.errors import UserError
@@ -153,6 +153,19 @@ def store_expectations(config, split: str, count: int) -> dict:
     if config.model.teacher not in TEACHERS and teacher.is_file():
         expected["network_sha256"] = file_sha256(teacher)
     return expected
+
+
+def teacher_record(store_dir: str | Path) -> dict:
+    """The teacher a student trained on this store learns the space of, as its meta records it
+    (`nets.meta.TEACHER_KEY`): the sha256 of the teacher file that computed the store, and what it is.
+
+    A worker of an object-store run has no copy of the store (only the driver and the miner read it, and
+    the driver has checked it), so there the record comes from its manifest alone, one small request."""
+    if storage.is_uri(store_dir):
+        manifest = storage.read_json(storage.join(store_dir, feature_store.MANIFEST))
+    else:
+        manifest = FeatureStore.open(store_dir, verify=False).manifest
+    return {key: manifest[key] for key in ("network_sha256", "architecture", "dim", "network")}
 
 
 def check_train_store(config, paths: TrainingPaths, num_images: int, student_dim: int) -> FeatureStore:

@@ -160,6 +160,8 @@ def _pause_for_a_kill(job: WorkerJob, epoch: int, step: int) -> None:
     if epoch != job.pause_at_epoch or step != 0:
         return
     marker = Path(job.run_dir) / f"pause-epoch{epoch}.pid"
+    if marker.exists():  # paused once already: a second pause would wait for a kill that never comes
+        return
     marker.write_text(f"{os.getpid()}\n")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -180,10 +182,13 @@ def _restore(trainer: Trainer, job: WorkerJob, rank: int) -> tuple[Progress, Che
 
 
 def _restore_newest_readable(trainer: Trainer, latest: Checkpoint, rank: int) -> tuple[Progress, Checkpoints]:
-    """Ray Train's last checkpoint, or when it does not load (truncated, damaged), the newest older one
-    of the run that does; every rank makes the same choice from the same files."""
+    """The run's newest checkpoint that loads: Ray Train's last one, or a newer one that a worker wrote
+    but Ray Train had not registered when the worker group died (Ray polls the workers' reports; a kill
+    right after a report loses it), or when neither loads (truncated, damaged), the newest older one.
+    Every rank makes the same choice from the same files."""
     checkpoints = Checkpoints()
-    for candidate in [latest, *_older_checkpoints(latest)]:
+    newer, older = _other_checkpoints(latest)
+    for candidate in [*newer, latest, *older]:
         try:
             with candidate.as_directory() as folder:
                 progress = trainer.restore(Path(folder) / CHECKPOINT_FILE)
@@ -212,22 +217,26 @@ def _checkpoint_dir_name(epochs_done: int, taken: set[str]) -> str:
     return name
 
 
-def _older_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
-    """The run's other checkpoint folders older than `latest`, newest first (on any storage Ray uses)."""
+def _other_checkpoints(latest: Checkpoint) -> tuple[list[Checkpoint], list[Checkpoint]]:
+    """The run's other checkpoint folders (on any storage Ray uses), newest first: those of later epochs
+    than `latest`, and the older ones."""
     import pyarrow.fs
 
     parent, name = _parent(latest.path), _folder_name(latest.path)
     latest_match = CHECKPOINT_DIR.fullmatch(name)
     if latest_match is None:
-        return []
+        return [], []
     infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    older = []
+    newer, older = [], []
     for info in infos:
         match = CHECKPOINT_DIR.fullmatch(info.base_name)
-        if info.type == pyarrow.fs.FileType.Directory and match and info.base_name != name \
-                and int(match[1]) <= int(latest_match[1]):
-            older.append((int(match[1]), info.mtime_ns or 0, info.path))
-    return [Checkpoint(path, filesystem=latest.filesystem) for *_, path in sorted(older, reverse=True)]
+        if info.type == pyarrow.fs.FileType.Directory and match and info.base_name != name:
+            side = newer if int(match[1]) > int(latest_match[1]) else older
+            side.append((int(match[1]), info.mtime_ns or 0, info.path))
+
+    def as_checkpoints(found):
+        return [Checkpoint(path, filesystem=latest.filesystem) for *_, path in sorted(found, reverse=True)]
+    return as_checkpoints(newer), as_checkpoints(older)
 
 
 def _parent(path: str) -> str:

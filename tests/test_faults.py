@@ -176,6 +176,32 @@ def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before_and_said(tm
         check_resume(str(tmp_path / "runs"), "r", "", 3)
 
 
+def test_a_restarted_worker_takes_a_newer_checkpoint_ray_had_not_registered(tmp_path):
+    """A worker group killed right after rank 0 reported epoch 2's checkpoint: the folder is written, but
+    Ray Train (which polls the reports) still names epoch 1's as the last. The restart must not train
+    epoch 2 again; a newer folder that does not load is skipped for Ray's."""
+    from ray.train import Checkpoint
+
+    from amldist.training.state import load_epochs_done
+    from amldist.worker import _restore_newest_readable
+
+    class Restorer:  # the one Trainer method the choice uses
+        def restore(self, path):
+            return Progress(epochs_done=load_epochs_done(path))
+
+    run_dir = tmp_path / "r"
+    checkpoint_of(run_dir, 1)
+    checkpoint_of(run_dir, 2)
+    registered = Checkpoint(str(run_dir / "checkpoint_epoch0001"))
+    progress, checkpoints = _restore_newest_readable(Restorer(), registered, rank=0)
+    assert progress.epochs_done == 2 and checkpoints.resumed_from == str(run_dir / "checkpoint_epoch0002")
+    torn = checkpoint_of(run_dir, 3)
+    torn.write_bytes(torn.read_bytes()[:100])
+    progress, checkpoints = _restore_newest_readable(Restorer(), registered, rank=0)
+    assert progress.epochs_done == 2 and len(checkpoints.skipped) == 1
+    assert str(torn.parent) in checkpoints.skipped[0]
+
+
 FULL_DISK_WRITER = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path

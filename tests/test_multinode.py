@@ -78,7 +78,8 @@ def test_placement_on_the_miner_node_and_recovery_from_a_lost_trainer_node(clust
     config = make_config(root, "contrastive_plus", epochs=3)
     outcome = {}
     run = threading.Thread(target=lambda: outcome.update(result=run_training(
-        config, storage=str(tmp_path / "runs"), name="multinode", max_failures=1)), daemon=True)
+        config, storage=str(tmp_path / "runs"), name="multinode", max_failures=1, pause_at_epoch=1)),
+        daemon=True)
     run.start()
 
     # Placement, as Ray's state API reports it.
@@ -90,10 +91,13 @@ def test_placement_on_the_miner_node_and_recovery_from_a_lost_trainer_node(clust
     worker_nodes = {worker.node_id for worker in workers}
     assert worker_nodes <= trainer_ids, (worker_nodes, trainer_ids)
 
-    # Kill the node of a train worker once the first checkpoint is in storage (the run is in epoch 1).
+    # Kill the node of a train worker while the run is held in epoch 1 (a worker waits after the epoch's
+    # first step: on a quiet machine the tiny run could otherwise end before the node goes), with the
+    # first checkpoint in storage.
     run_dir = tmp_path / "runs" / "multinode"
     first_checkpoint = run_dir / "checkpoint_epoch0001" / CHECKPOINT_FILE
     wait_until(first_checkpoint.is_file, 240, "the first checkpoint")
+    wait_until((run_dir / "pause-epoch1.pid").is_file, 240, "a worker held in epoch 1")
     epoch0 = read_metrics(run_dir)[0]
     doomed = next(node for node in trainers if node.node_id == workers[0].node_id)
     nodes.remove_node(doomed, allow_graceful=False)

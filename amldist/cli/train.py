@@ -41,19 +41,11 @@ def register(subparsers) -> None:
     parser.add_argument("--config", dest="preset", metavar="NAME|FILE",
                         help="preset name or YAML file (= --preset)")
     add_config_arguments(parser)
-    ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--local", action="store_true",
-                           help="start a single-node Ray here instead of joining a cluster")
-    ray_group.add_argument("--num-workers", type=positive_int, default=None,
-                           help="training processes (run.num_workers)")
-    ray_group.add_argument("--use-gpu", action="store_true", default=None,
-                           help="one GPU per worker (run.use_gpu)")
+    ray_group = add_ray_arguments(parser, "")
     ray_group.add_argument("--storage", default=None, help="run storage folder or URI (default run.out_dir)")
     ray_group.add_argument("--name", default=None, help="run name (run.name; default the preset's name)")
     ray_group.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                            help="continue the run of this name, or start from checkpoint PATH")
-    ray_group.add_argument("--max-failures", type=restarts, default=DEFAULT_MAX_FAILURES,
-                           help="worker-group restarts after a failure (-1: no limit)")
     log_group = parser.add_argument_group("logging")
     log_group.add_argument("--wandb", choices=WANDB_MODES, default=None,
                            help="Weights & Biases mode (default: auto if run.wandb, else off; auto = online "
@@ -61,6 +53,21 @@ def register(subparsers) -> None:
     log_group.add_argument("--image-every", type=non_negative_int, default=DEFAULT_IMAGE_EVERY,
                            help="epochs between records of a few anchors' mined negatives "
                                 "(negatives.jsonl, wandb grid; 0: none)")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, per: str) -> argparse._ArgumentGroup:
+    """The "Ray" flags every training command shares (`per`: " per trial" for a search); returns the
+    group for the command's own."""
+    ray_group = parser.add_argument_group("Ray")
+    ray_group.add_argument("--local", action="store_true",
+                           help="start a single-node Ray here instead of joining a cluster")
+    ray_group.add_argument("--num-workers", type=positive_int, default=None,
+                           help=f"training processes{per} (run.num_workers)")
+    ray_group.add_argument("--use-gpu", action="store_true", default=None,
+                           help="one GPU per worker (run.use_gpu)")
+    ray_group.add_argument("--max-failures", type=restarts, default=DEFAULT_MAX_FAILURES,
+                           help=f"worker-group restarts{per} after a failure (-1: no limit)")
+    return ray_group
 
 
 def restarts(text: str) -> int:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from amldist.cli.common import add_command, positive_int, require
-from amldist.cli.train import restarts
+from amldist.cli.common import add_command, positive_int
+from amldist.cli.train import add_ray_arguments
 from amldist.config import add_config_arguments, preset_sections, raw_config_from_args
-from amldist.errors import INTERRUPTED_EXIT
-from amldist.runs import DEFAULT_MAX_FAILURES, check_storage
+from amldist.errors import INTERRUPTED_EXIT, require
+from amldist.runs import check_storage
 from amldist.tuning.plan import METRICS, SCHEDULERS, SearchSettings, plan_search
 from amldist.wandb_log import MODES as WANDB_MODES
 
@@ -47,19 +47,11 @@ def register(subparsers) -> None:
     search.add_argument("--max-concurrent", type=positive_int, default=None,
                         help="trials at once (default: as many as the cluster holds at a CPU or GPU per "
                              "worker)")
-    ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--local", action="store_true",
-                           help="start a single-node Ray here instead of joining a cluster")
-    ray_group.add_argument("--num-workers", type=positive_int, default=None,
-                           help="training processes per trial (run.num_workers)")
-    ray_group.add_argument("--use-gpu", action="store_true", default=None,
-                           help="one GPU per worker (run.use_gpu)")
+    ray_group = add_ray_arguments(parser, " per trial")
     ray_group.add_argument("--storage", default=None, help="storage folder or URI (default run.out_dir)")
     ray_group.add_argument("--name", default=None, help="search name (default tune-<run.name>)")
     ray_group.add_argument("--resume", action="store_true",
                            help="continue the interrupted search of this name")
-    ray_group.add_argument("--max-failures", type=restarts, default=DEFAULT_MAX_FAILURES,
-                           help="worker-group restarts per trial after a failure (-1: no limit)")
     parser.add_argument("--wandb", choices=WANDB_MODES, default=None,
                         help="one wandb run per trial, grouped by search (default: auto if run.wandb, "
                              "else off)")

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_PRESET ?= tiny
+DEMO_PRESET ?= lite
 
 .PHONY: install test demo search-demo bench lint clean
 

@@ -270,8 +270,8 @@ def test_each_run_is_what_amldist_train_builds_with_the_demo_overrides(tmp_path)
     assert config.data.root == str(tmp_path / "root") and config.data.image_size == 64
     assert config.run.epochs == 1 and config.optim.lr == 0.002 and config.model.teacher == "t.pth"
     assert config.run.num_workers == 2 and config.loss.name == "contrastive_plus"
-    assert demo_settings("tiny").report_dir == Path("runs/demo")  # make demo's
-    assert demo_settings("lite").report_dir == Path("runs/demo-lite")
+    assert demo_settings("lite").report_dir == Path("runs/demo")  # make demo's
+    assert demo_settings("tiny").report_dir == Path("runs/demo-tiny")
     for size in ("lite", "tiny"):  # the run folder is the preset's name: the students' presets point there
         settings = demo_settings(size)
         teacher = settings.teacher_run

@@ -141,6 +141,18 @@ def test_param_groups_follow_cirtorch():
     assert sorted(grouped) == sorted(id(p) for p in net.parameters())
 
 
+def test_projection_learns_at_its_own_rate_only_when_asked():
+    net = create_net("small_cnn", projection_dim=16, pretrained=False)
+    assert len(net.param_groups(lr=1e-3, weight_decay=1e-6)) == 2  # aml's groups: features, pool
+    features, head, pool = net.param_groups(lr=1e-3, weight_decay=1e-6, projection_lr_multiplier=10.0)
+    assert head["params"] == [net.features[-2].weight] and head["lr"] == pytest.approx(1e-2)
+    assert features["lr"] == 1e-3 and all(p is not net.features[-2].weight for p in features["params"])
+    grouped = [id(p) for group in (features, head, pool) for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in net.parameters())
+    alone = create_net("small_cnn", pretrained=False)  # no projection: nothing to split off
+    assert len(alone.param_groups(lr=1e-3, weight_decay=1e-6, projection_lr_multiplier=10.0)) == 2
+
+
 def test_freeze_batchnorm_keeps_running_statistics():
     net = create_net("small_cnn", pretrained=False)
     net.train()

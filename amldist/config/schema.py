@@ -65,6 +65,7 @@ class OptimConfig:
     weight_decay: float = 1e-6
     lr_decay: float = 0.99                # per epoch; cirtorch/aml use exp(-0.01) = 0.99005
     update_every: int = 1                 # optimiser step every N batches (aml --update-every)
+    projection_lr_multiplier: float = 1.0  # the student's new 1x1 projection learns at lr x this (aml: 1)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 from amldist.atomic import atomic_write_json
 from amldist.datasets import formats, layout
 from amldist.demo import embeddings, plots
+from amldist.demo.claims import Claim, check_claims, format_claims
 from amldist.demo.evaluation import DESCRIPTORS_DATASET, load_descriptors, load_results
 from amldist.demo.report import Figure, ReportContent, RunSummary, StageTiming
 from amldist.demo.settings import TEACHER_RUN, TEST_DATASETS, TRAIN_DATASET, DemoSettings
@@ -72,6 +73,16 @@ def table_rows(state: DemoState, variant: str = "whiten") -> list[TableRow]:
     return rows
 
 
+def rows_by_key(state: DemoState, rows: list[TableRow]) -> dict[str, TableRow]:
+    """{run key: row} of rows made by table_rows (same order as ordered_runs)."""
+    return {run.spec.key: row for run, row in zip(ordered_runs(state), rows, strict=True)}
+
+
+def paper_claims(state: DemoState, rows: list[TableRow], raw_rows: list[TableRow],
+                 random_ranking: dict[str, dict[str, float]]) -> list[Claim]:
+    return check_claims(rows_by_key(state, rows), rows_by_key(state, raw_rows), random_ranking)
+
+
 def random_ranking_scores(truths: dict[str, formats.GroundTruth], repeats: int = 20,
                           seed: int = 0) -> dict[str, dict[str, float]]:
     """Mean mAP (%) of uniformly random rankings per dataset and setting: the floor the table's numbers
@@ -93,12 +104,12 @@ def read_truths(settings: DemoSettings) -> dict[str, formats.GroundTruth]:
 
 
 def write_table_json(folder: Path, rows: list[TableRow], raw_rows: list[TableRow],
-                     random_ranking: dict[str, dict[str, float]]) -> Path:
+                     random_ranking: dict[str, dict[str, float]], claims: list[Claim]) -> Path:
     path = folder / TABLE_JSON
     atomic_write_json(path, {"datasets": list(TEST_DATASETS), "metric": "mAP (%)",
                              "rows": [row.to_dict() for row in rows],  # with learned whitening, as printed
                              "rows_without_whitening": [row.to_dict() for row in raw_rows],
-                             "random_ranking": random_ranking})
+                             "random_ranking": random_ranking, "claims": [c.to_dict() for c in claims]})
     return path
 
 
@@ -262,10 +273,12 @@ def size_rows(state: DemoState) -> list[SizeRow]:
 def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure], stages: list[StageTiming],
                    command: str, random_ranking: dict[str, dict[str, float]]) -> ReportContent:
     datasets = list(TEST_DATASETS)
+    raw_rows = table_rows(state, "raw")
+    claims = format_claims(paper_claims(state, rows, raw_rows, random_ranking))
     raw_caption = ("The same networks without whitening (raw descriptors); "
                    "learned whitening needs many pairs per dimension, "
                    "which a small synthetic set may not give.")
-    raw = (raw_caption, format_markdown(table_rows(state, "raw"), datasets))
+    raw = (raw_caption, format_markdown(raw_rows, datasets))
     times = (TIME_CAPTION, time_table({run.name: read_metrics(run.run_dir) for run in ordered_runs(state)}))
     sizes = (SIZES_CAPTION, format_sizes(size_rows(state), state.settings.train_image_size))
     runs = [RunSummary(run.name, run.spec.description, str(run.best_checkpoint), run.config.run.epochs,
@@ -278,5 +291,5 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
               "unrelated to the teacher's), as in the paper."), random_ranking_note(random_ranking)]
     return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
                          setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
-                         table_markdown=format_markdown(rows, datasets), notes=notes,
+                         table_markdown=format_markdown(rows, datasets), notes=notes, claims=claims,
                          extra_tables=[sizes, raw, times], figures=figures, runs=runs, stages=stages)

@@ -121,6 +121,10 @@ def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "
     echo(outcome["table_text"])
     echo("")
     echo(assemble.random_ranking_note(outcome["random_ranking"]))
+    echo("")
+    echo("The paper's claims, read from this table:")
+    for line in outcome["claims"]:
+        echo(f"  {line}")
     echo(f"report: {settings.report_dir / 'report.md'}")
     return DemoResult(outcome["table_text"], str(settings.report_dir), printer.timings)
 
@@ -135,10 +139,13 @@ def _report(state: DemoState, timings: list[StageTiming], command: str, outcome:
     folder = state.settings.report_dir
     folder.mkdir(parents=True, exist_ok=True)
     rows = assemble.table_rows(state)
+    raw_rows = assemble.table_rows(state, "raw")
     random_ranking = assemble.random_ranking_scores(assemble.read_truths(state.settings))
-    assemble.write_table_json(folder, rows, assemble.table_rows(state, "raw"), random_ranking)
+    claims = assemble.paper_claims(state, rows, raw_rows, random_ranking)
+    assemble.write_table_json(folder, rows, raw_rows, random_ranking, claims)
     figures = assemble.build_figures(state, folder)
     content = assemble.report_content(state, rows, figures, timings, command, random_ranking)
     write_report(folder, content)
-    outcome.update(rows=rows, figures=figures, table_text=content.table_text, random_ranking=random_ranking)
+    outcome.update(rows=rows, figures=figures, table_text=content.table_text, random_ranking=random_ranking,
+                   claims=content.claims)
     return BUILT, f"{folder / 'report.md'}, {len(figures)} figures"

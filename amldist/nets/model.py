@@ -12,6 +12,7 @@ from amldist.nets.backbones import (
     backbone_layers,
     check_architecture,
     input_normalisation,
+    num_backbone_layers,
     projection_layers,
 )
 from amldist.nets.meta import NetMeta
@@ -52,15 +53,27 @@ class RetrievalNet(nn.Module):
             descriptors = l2_normalize(self.whiten(descriptors))
         return descriptors
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """cirtorch's optimiser groups: features; GeM p at lr x 10 without weight decay; whitening."""
-        groups = [{"params": list(self.features.parameters()), "lr": lr, "weight_decay": weight_decay}]
+    def param_groups(self, lr: float, weight_decay: float, projection_lr_multiplier: float = 1.0) -> list[dict]:
+        """cirtorch's optimiser groups: features; GeM p at lr x 10 without weight decay; whitening. With a
+        multiplier other than 1, the 1x1 projection is its own group at lr x projection_lr_multiplier (it
+        starts from random weights while the backbone starts from ImageNet's); at 1 the groups stay aml's,
+        so optimiser states saved before this option still load."""
+        head = self._projection_parameters() if projection_lr_multiplier != 1.0 else []
+        backbone = [p for p in self.features.parameters() if all(p is not q for q in head)]
+        groups = [{"params": backbone, "lr": lr, "weight_decay": weight_decay}]
+        if head:
+            groups.append({"params": head, "lr": lr * projection_lr_multiplier, "weight_decay": weight_decay})
         pool_params = list(self.pool.parameters())
         if pool_params:
             groups.append({"params": pool_params, "lr": lr * GEM_LR_MULTIPLIER, "weight_decay": 0.0})
         if self.whiten is not None:
             groups.append({"params": list(self.whiten.parameters()), "lr": lr, "weight_decay": weight_decay})
         return groups
+
+    def _projection_parameters(self) -> list:
+        if self.meta.projection_dim is None:
+            return []
+        return list(self.features[num_backbone_layers(self.meta.architecture):].parameters())
 
     def extra_repr(self) -> str:
         meta = self.meta

@@ -1,6 +1,7 @@
 """Optimiser, learning-rate schedule and train mode of the student, as cirtorch/aml set them (no Ray).
 
-- Parameter groups from `RetrievalNet.param_groups`: GeM's p at 10x the rate without weight decay.
+- Parameter groups from `RetrievalNet.param_groups`: GeM's p at 10x the rate without weight decay; the
+  student's projection at `optim.projection_lr_multiplier` x the rate (1 in aml).
 - SGD (momentum, weight decay) or Adam, from `config.optim`.
 - ExponentialLR with gamma = optim.lr_decay (0.99 per epoch, §4.1), stepped at the *start* of every
   epoch as the reference does, so epoch e (0-based) runs at lr * gamma^(e + 1).
@@ -27,7 +28,7 @@ from amldist.nets import freeze_batchnorm
 
 def make_optimizer(net: nn.Module, optim) -> torch.optim.Optimizer:
     """`optim` is a config.OptimConfig; `net` a RetrievalNet (the module inside DDP)."""
-    groups = net.param_groups(optim.lr, optim.weight_decay)
+    groups = net.param_groups(optim.lr, optim.weight_decay, optim.projection_lr_multiplier)
     if optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     if optim.optimizer == "adam":

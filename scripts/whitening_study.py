@@ -10,6 +10,9 @@ whose two images are both training images, and applied to the val split:
 - the rank and spread of the pair-difference covariance S against the dimension (cirtorch's Lw inverts
   the Cholesky factor of S; a rank below the dimension leaves directions that only its 1e-10 jitter
   scales, amplified about 1e5 times);
+- with --student: val mAP after centring alone and after Lw, and per group of Lw's directions the
+  teacher's variance against the student's error (student minus teacher, same training image), both in
+  units of the teacher's matching-pair variance;
 - val mAP (%) of the teacher alone (sym) and, with --student, of student queries against the teacher's
   val images (asym), raw and after Lw learned from: the file's pairs (one per image), k pairs per image,
   every pair of each cluster; each with cirtorch's Lw and with S shrunk towards a multiple of the
@@ -29,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amldist.cli.features import compute_features
+from amldist.teacher_features import compute_features
 from amldist.datasets import formats, layout
 from amldist.feature_store import FeatureStore
 from amldist.training.plan import SplitLabels
@@ -81,6 +84,35 @@ def learn(X: np.ndarray, qidxs: np.ndarray, pidxs: np.ndarray, shrink: bool,
     return apply
 
 
+def error_in_whitened_space(teacher_whiten: np.ndarray, student_whiten: np.ndarray, teacher_val: np.ndarray,
+                            student_val: np.ndarray, q: np.ndarray, p: np.ndarray, score) -> None:
+    """Where asymmetric testing meets the student's error once Lw has rescaled the teacher's space.
+
+    After Lw the teacher's matching-pair differences have unit variance in every direction, and each
+    direction's variance over all images says how much the teacher separates images there (1: no more
+    than a matching pair differs). The student's error (its vector minus the teacher's, same image)
+    measured in the same units says how much of that separation its queries blur. Also: val mAP after
+    centring alone (Lw's first step, the mean of the pairs' queries subtracted), which tells centring
+    apart from the rescaling."""
+    from amldist.whiten import apply_whitening, learn_whitening
+
+    lw = learn_whitening(teacher_whiten, q, p)
+
+    def centred(x: np.ndarray) -> np.ndarray:
+        y = x - lw.m
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    print(f"centring only: teacher sym {score(centred(teacher_val), centred(teacher_val))}, "
+          f"asym {score(centred(teacher_val), centred(student_val))}")
+    full_t, full_s = apply_whitening(teacher_val, lw), apply_whitening(student_val, lw)
+    print(f"Lw (file pairs of training images): teacher sym {score(full_t, full_t)}, asym {score(full_t, full_s)}")
+    spread = ((teacher_whiten - lw.m) @ lw.P.T).var(axis=0)        # (D,) teacher, per Lw direction
+    error = (((student_whiten - teacher_whiten) @ lw.P.T) ** 2).mean(axis=0)  # (D,) student's error
+    for lo, hi in ((0, 8), (8, 32), (32, len(spread))):
+        print(f"Lw directions {lo + 1}-{hi}: teacher variance {spread[lo:hi].mean():.2f}, student error "
+              f"{error[lo:hi].mean():.2f} (both in units of the teacher's matching-pair variance)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +148,9 @@ def main() -> int:
     print(f"teacher d={dim}, {ntrain} training images in {len(set(clusters))} clusters")
     raw = f"raw: teacher sym {score(teacher_val, teacher_val)}"
     print(raw + (f", asym {score(teacher_val, student_val)}" if student_val is not None else ""))
+    if student_val is not None:
+        error_in_whitened_space(teacher_whiten, student_whiten, teacher_val, student_val,
+                                qidxs[train_only], pidxs[train_only], score)
     for name, (q, p) in pair_sets.items():
         diffs = teacher_whiten[q] - teacher_whiten[p]
         eig = np.linalg.eigvalsh(diffs.T @ diffs / len(q))[::-1]

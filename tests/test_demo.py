@@ -244,6 +244,22 @@ def test_sizes_table_relates_every_network_to_the_teacher():
     assert lines[3].endswith("| 0.300 | 4.00 | 0.75 | 0.80 |")
 
 
+@pytest.mark.parametrize("size", ["lite", "tiny"])
+def test_the_demos_students_are_smaller_than_its_teacher(size):
+    from amldist.flops import complexity
+
+    settings = demo_settings(size)
+
+    def cost(run):
+        model = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else []).model
+        return complexity(model.arch, model.projection_dim, settings.train_image_size, model.pooling)
+
+    teacher = cost(settings.teacher_run)
+    for run in settings.student_runs:
+        student = cost(run)
+        assert student.gflops < teacher.gflops and student.params_m < teacher.params_m, run.key
+
+
 def test_force_names_and_groups():
     assert force_set(["students"]) == {r.key for r in STUDENT_RUNS}
     assert force_set(["all"]) == set(STAGES)

@@ -99,7 +99,7 @@ class DemoSize:
 # teacher, Lite0 students; docs/TRAINING.md "The pretrained presets"); tiny trains plain CNNs from scratch,
 # the fastest; micro is the test-suite's: 1 epoch, 64-px images.
 _SIZES = {
-    "lite": DemoSize("tiny", train_image_size=128, test_image_size=128),
+    "lite": DemoSize("lite", train_image_size=128, test_image_size=128),
     "tiny": DemoSize("tiny", train_image_size=128, test_image_size=128, runs=SCRATCH_RUNS),
     "small": DemoSize("small", train_image_size=192, test_image_size=256,
                       overrides=("mining.queries_per_epoch=400", "mining.pool_size=2000"), runs=SCRATCH_RUNS),

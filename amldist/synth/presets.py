@@ -46,6 +46,13 @@ PRESETS: dict[str, Preset] = {
                    val_views=10, pairs_per_image=2, query_landmarks=14, queries_per_landmark=5,
                    db_easy=6, db_hard=5, db_junk=3, lookalike_views=6, other_landmarks=20, other_views=4,
                    distractors=200),
+    # The pretrained demo's (`make demo`): tiny's test sets, more landmarks with fewer views each, so that
+    # the whitening set holds more landmarks than the demo's d=128 has dimensions (docs/TRAINING.md,
+    # "The pretrained presets") and the validation split has 16 of them.
+    "lite": Preset("lite", image_max_side=512, train_landmarks=128, train_views=8, val_landmarks=16,
+                   val_views=8, pairs_per_image=2, query_landmarks=14, queries_per_landmark=5,
+                   db_easy=6, db_hard=5, db_junk=3, lookalike_views=6, other_landmarks=20, other_views=4,
+                   distractors=200),
     "small": Preset("small", image_max_side=1024, train_landmarks=250, train_views=12, val_landmarks=30,
                     val_views=10, pairs_per_image=2, query_landmarks=14, queries_per_landmark=5,
                     db_easy=14, db_hard=12, db_junk=6, lookalike_views=10, other_landmarks=100,
@@ -56,7 +63,7 @@ PRESETS: dict[str, Preset] = {
                      other_views=5, distractors=10000),
 }
 
-PUBLIC_PRESETS = ("tiny", "small", "medium")
+PUBLIC_PRESETS = ("tiny", "lite", "small", "medium")
 
 
 def get_preset(name: str) -> Preset:

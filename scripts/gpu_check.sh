@@ -10,7 +10,7 @@
 #
 # Results in $OUT (default runs/gpu): log.txt and one JSON file per benchmark.
 #
-# The training run needs the tiny demo's data, teacher and feature stores (`make demo` first, then bring
+# The training run needs the tiny demo's data, teacher and feature stores (`amldist demo --preset tiny` first, then bring
 # data/synth-tiny and runs/tiny-teacher-contr-sym along); without them it is skipped.
 set -u
 OUT=${OUT:-runs/gpu}

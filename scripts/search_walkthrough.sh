@@ -8,7 +8,8 @@
 #
 # OUT_DIR receives stages.txt (the demo's stage lines), search.md, search.json and contact_sheet.png
 # (as the demo writes them) and commands.txt (each example command and its output). DEMO_PRESET is
-# tiny (`make demo`'s) unless given; lite uses the ImageNet-pretrained EfficientNet-Lite networks.
+# tiny (the from-scratch demo, whose figures docs/SEARCH.md shows) unless given; lite (`make demo`'s) uses
+# the ImageNet-pretrained EfficientNet-Lite networks.
 set -euo pipefail
 
 OUT=${1:?usage: scripts/search_walkthrough.sh OUT_DIR [DEMO_PRESET]}

@@ -2,8 +2,8 @@
 # The search docs/TUNING.md shows (issue 18's "Done when" command): the demo's Contr+ student preset,
 # lr x margin, 4 trials, local Ray. Times it from outside and copies its results into OUT_DIR:
 # results.csv, results.json, best.yaml, search.png, and run.json (command, wall seconds, load average
-# before and after, CPU count). Needs the demo's data and teacher (`make demo`, or its data and teacher
-# stages); run from the repository root.
+# before and after, CPU count). Needs the tiny demo's data and teacher (`amldist demo --preset tiny`, or its data and
+# teacher stages); run from the repository root.
 #
 #   bash scripts/tune_example.sh docs/measurements/<machine-date>/tune-search
 set -euo pipefail

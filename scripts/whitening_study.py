@@ -32,9 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amldist.teacher_features import compute_features
 from amldist.datasets import formats, layout
 from amldist.feature_store import FeatureStore
+from amldist.teacher_features import compute_features
 from amldist.training.plan import SplitLabels
 from amldist.training.validation import ValidationSet
 from amldist.whiten import cholesky_with_jitter
@@ -105,7 +105,8 @@ def error_in_whitened_space(teacher_whiten: np.ndarray, student_whiten: np.ndarr
     print(f"centring only: teacher sym {score(centred(teacher_val), centred(teacher_val))}, "
           f"asym {score(centred(teacher_val), centred(student_val))}")
     full_t, full_s = apply_whitening(teacher_val, lw), apply_whitening(student_val, lw)
-    print(f"Lw (file pairs of training images): teacher sym {score(full_t, full_t)}, asym {score(full_t, full_s)}")
+    print(f"Lw (file pairs of training images): teacher sym {score(full_t, full_t)}, "
+          f"asym {score(full_t, full_s)}")
     spread = ((teacher_whiten - lw.m) @ lw.P.T).var(axis=0)        # (D,) teacher, per Lw direction
     error = (((student_whiten - teacher_whiten) @ lw.P.T) ** 2).mean(axis=0)  # (D,) student's error
     for lo, hi in ((0, 8), (8, 32), (32, len(spread))):

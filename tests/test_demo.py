@@ -251,7 +251,8 @@ def test_the_demos_students_are_smaller_than_its_teacher(size):
     settings = demo_settings(size)
 
     def cost(run):
-        model = run_config(settings, run, ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else []).model
+        teacher = ["model.teacher=t.pth"] if run.key in ("contrplus", "reg") else []
+        model = run_config(settings, run, teacher).model
         return complexity(model.arch, model.projection_dim, settings.train_image_size, model.pooling)
 
     teacher = cost(settings.teacher_run)

@@ -1,6 +1,6 @@
 """`amldist demo`: the end-to-end demo on synthetic landmarks, on this machine (no cluster, GPU or network).
 
-    amldist demo                          # = --preset lite: ImageNet-pretrained EfficientNet-Lite (README, "Demo")
+    amldist demo                          # = --preset lite: ImageNet-pretrained EfficientNet-Lite
     amldist demo --preset tiny            # plain CNNs from scratch: the fastest
     amldist demo --preset small           # bigger data, more epochs (from scratch)
     amldist demo --force teacher          # retrain the teacher (and what depends on it)
@@ -30,9 +30,9 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "demo",
                          "run the end-to-end demo on synthetic data and write a report", run)
     parser.add_argument("--preset", default=DEFAULT_DEMO, choices=DEMO_PRESETS,
-                        help="demo: lite (default; ImageNet-pretrained EfficientNet-Lite, README \"Demo\"), "
-                             "tiny (plain CNNs from scratch, the fastest), small (from scratch, longer); micro "
-                             "is for tests")
+                        help="demo: lite (default; ImageNet-pretrained EfficientNet-Lite, README "
+                             "\"Demo\"), tiny (plain CNNs from scratch, the fastest), small (from scratch, "
+                             "longer); micro is for tests")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help=f"redo a stage even if its output exists (repeatable): {', '.join(STAGES)}, or "
                              f"{' / '.join(FORCE_GROUPS)}")

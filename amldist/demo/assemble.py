@@ -226,6 +226,11 @@ def retrieval_counts(counts: dict) -> str:
     return f"{counts['db']} database images and {counts['queries']} queries"
 
 
+def _projection_rate(config) -> str:
+    multiplier = config.optim.projection_lr_multiplier
+    return f" (projection x{multiplier:g})" if multiplier != 1 and config.model.projection_dim else ""
+
+
 def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
     import json
 
@@ -239,7 +244,8 @@ def setup_lines(settings: DemoSettings, state: DemoState) -> list[str]:
         c = run.config
         lines.append(f"`{run.name}`: {run.spec.description}; {c.run.epochs} epochs, "
                      f"{c.mining.queries_per_epoch} tuples/epoch, pool {c.mining.pool_size}, batch "
-                     f"{c.run.batch_size}, {c.optim.optimizer} lr {c.optim.lr:g}, images <= "
+                     f"{c.run.batch_size}, {c.optim.optimizer} lr {c.optim.lr:g}{_projection_rate(c)}, "
+                     f"images <= "
                      f"{c.data.image_size} px, {c.run.num_workers} Ray workers.")
     lines.append(f"Testing: single scale, images <= {settings.test_image_size} px (the paper: multi-scale at "
                  f"1024 px), learned whitening on the {TRAIN_DATASET} whitening pairs, "

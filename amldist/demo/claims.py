@@ -46,10 +46,12 @@ def _label(dataset: str) -> str:
 def _per_dataset(datasets: Sequence[str], check) -> tuple[bool, str]:
     """check(dataset) -> (holds, evidence); the claim holds when it holds on every dataset."""
     results = [check(d) for d in datasets]
-    return all(ok for ok, _ in results), "; ".join(f"{_label(d)}: {text}" for d, (_, text) in zip(datasets, results))
+    evidence = "; ".join(f"{_label(d)}: {text}" for d, (_, text) in zip(datasets, results, strict=True))
+    return all(ok for ok, _ in results), evidence
 
 
-def _beats(winner: TableRow, loser: TableRow, names: tuple[str, str], datasets: Sequence[str]) -> tuple[bool, str]:
+def _beats(winner: TableRow, loser: TableRow, names: tuple[str, str],
+           datasets: Sequence[str]) -> tuple[bool, str]:
     def check(d: str) -> tuple[bool, str]:
         a, b = _score(winner, "sym", d), _score(loser, "sym", d)
         return a > b, f"{names[0]} {a:.1f} vs {names[1]} {b:.1f}"
@@ -95,10 +97,10 @@ def check_claims(rows: Mapping[str, TableRow], raw_rows: Mapping[str, TableRow],
          _beats(rows["teacher"], rows["baseline"], ("teacher", "alone"), datasets)),
         ("b", "the Contr+ student beats the student alone in symmetric testing (knowledge transfer helps)",
          _beats(rows["contrplus"], rows["baseline"], ("Contr+", "alone"), datasets)),
-        ("c", f"asymmetric Reg and Contr+ students reach {NEAR_FRACTION:.0%} of the teacher's symmetric "
-              "mAP, Reg at least as high as Contr+", _near_teacher(rows, datasets)),
-        ("d", f"learned whitening keeps at least {NO_COLLAPSE_FRACTION:.0%} of raw asymmetric mAP "
-              "(helps, or does not collapse it)", _whitening_keeps_asym(rows, raw_rows, datasets)),
+        ("c", (f"asymmetric Reg and Contr+ students reach {NEAR_FRACTION:.0%} of the teacher's symmetric "
+               "mAP, Reg at least as high as Contr+"), _near_teacher(rows, datasets)),
+        ("d", (f"learned whitening keeps at least {NO_COLLAPSE_FRACTION:.0%} of raw asymmetric mAP "
+               "(helps, or does not collapse it)"), _whitening_keeps_asym(rows, raw_rows, datasets)),
         ("e", f"the teacher's hard mAP is at least {FLOOR_FACTOR:g}x the random ranking's",
          _teacher_hard(rows, random_ranking, datasets)),
     ]

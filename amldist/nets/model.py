@@ -53,7 +53,8 @@ class RetrievalNet(nn.Module):
             descriptors = l2_normalize(self.whiten(descriptors))
         return descriptors
 
-    def param_groups(self, lr: float, weight_decay: float, projection_lr_multiplier: float = 1.0) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float,
+                     projection_lr_multiplier: float = 1.0) -> list[dict]:
         """cirtorch's optimiser groups: features; GeM p at lr x 10 without weight decay; whitening. With a
         multiplier other than 1, the 1x1 projection is its own group at lr x projection_lr_multiplier (it
         starts from random weights while the backbone starts from ImageNet's); at 1 the groups stay aml's,

@@ -46,9 +46,9 @@ PRESETS: dict[str, Preset] = {
                    val_views=10, pairs_per_image=2, query_landmarks=14, queries_per_landmark=5,
                    db_easy=6, db_hard=5, db_junk=3, lookalike_views=6, other_landmarks=20, other_views=4,
                    distractors=200),
-    # The pretrained demo's (`make demo`): tiny's test sets, more landmarks with fewer views each, so that
-    # the whitening set holds more landmarks than the demo's d=128 has dimensions (docs/TRAINING.md,
-    # "The pretrained presets") and the validation split has 16 of them.
+    # The pretrained demo's (`make demo`): test sets of tiny's size, more landmarks with fewer views each,
+    # so that the whitening set holds more landmarks than the demo's d=128 has dimensions
+    # (docs/TRAINING.md, "The pretrained presets") and the validation split has 16 of them.
     "lite": Preset("lite", image_max_side=512, train_landmarks=128, train_views=8, val_landmarks=16,
                    val_views=8, pairs_per_image=2, query_landmarks=14, queries_per_landmark=5,
                    db_easy=6, db_hard=5, db_junk=3, lookalike_views=6, other_landmarks=20, other_views=4,

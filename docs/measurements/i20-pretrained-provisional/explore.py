@@ -1,10 +1,10 @@
 """Exploration only (not committed): val mAP of networks, raw and with learned whitening, sym and asym."""
-import sys, json
+import os, sys, json
 from pathlib import Path
 import numpy as np
 import torch
 from amldist.checkpoints import save_checkpoint, load_network_file
-from amldist.cli.features import compute_features
+from amldist.teacher_features import compute_features
 from amldist.feature_store import FeatureStore
 from amldist.datasets import formats
 from amldist.training.plan import SplitLabels
@@ -12,7 +12,7 @@ from amldist.training.validation import ValidationSet
 from amldist.whiten import learn_whitening, apply_whitening
 from amldist.nets import create_net
 
-ROOT = Path("data/synth-tiny")
+ROOT = Path(os.environ.get("SYNTH_ROOT", "data/synth-tiny"))
 SH = ROOT / "shards/retrieval-SfM-120k-128"
 DB = ROOT / "train/retrieval-SfM-120k/retrieval-SfM-120k.pkl"
 WDB = ROOT / "train/retrieval-SfM-120k/retrieval-SfM-120k-whiten.pkl"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from amldist.config import OptimConfig
 from amldist.losses import TupleBatch, build_loss
 from amldist.nets import create_net
 from amldist.training.family import LabelledTuples, RelationalTuples
@@ -202,8 +203,7 @@ def test_batchnorm_statistics_stay_frozen_while_weights_learn(images, tuples):
     net = frozen_net()
     before = batchnorm_stats(net)
     bn_weight = net.features[1].weight.detach().clone()
-    optimizer = make_optimizer(net, type("Optim", (), {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
-                                                       "weight_decay": 1e-6})())
+    optimizer = make_optimizer(net, OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-6))
     for _ in range(3):
         optimizer.zero_grad()
         loss_and_backward(TupleEmbedder(net), build_loss("contrastive"), spec, tuples,

@@ -281,9 +281,9 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
     datasets = list(TEST_DATASETS)
     raw_rows = table_rows(state, "raw")
     claims = format_claims(paper_claims(state, rows, raw_rows, random_ranking))
-    raw_caption = ("The same networks without whitening (raw descriptors); "
-                   "learned whitening needs many pairs per dimension, "
-                   "which a small synthetic set may not give.")
+    raw_caption = ("The same networks without whitening (raw descriptors). On small synthetic sets learned "
+                   "whitening can lower the scores (docs/TRAINING.md, \"Why learned whitening does not help "
+                   "here\").")
     raw = (raw_caption, format_markdown(raw_rows, datasets))
     times = (TIME_CAPTION, time_table({run.name: read_metrics(run.run_dir) for run in ordered_runs(state)}))
     sizes = (SIZES_CAPTION, format_sizes(size_rows(state), state.settings.train_image_size))

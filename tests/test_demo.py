@@ -363,6 +363,16 @@ def test_micro_demo_end_to_end_then_reused(tmp_path, capsys):
         and set(table["random_ranking"]) == set(table["datasets"])
     markdown = (report / "report.md").read_text()
     assert "offline-run-" in markdown and "hard_negatives.png" in markdown and "without whitening" in markdown
+    # The claims are read from this run's own table, and printed, stored and reported alike.
+    from amldist.demo.claims import Claim, check_claims, format_claims
+
+    by_key = dict(zip(("teacher", "baseline", "contrplus", "reg"), map(TableRow.from_dict, table["rows"])))
+    raw = dict(zip(by_key, map(TableRow.from_dict, table["rows_without_whitening"])))
+    expected = format_claims(check_claims(by_key, raw, table["random_ranking"]))
+    assert [c["letter"] for c in table["claims"]] == list("abcde")
+    assert format_claims([Claim(**c) for c in table["claims"]]) == expected
+    assert all(f"  {line}" in lines for line in expected)  # printed after the table
+    assert all(f"- {line}" in markdown for line in expected)
     assert sum(1 for line in lines if line.startswith("[") and " in " in line) == len(STAGES)
 
     again = run_demo(settings, echo=lambda line: None)

@@ -276,11 +276,11 @@ def size_rows(state: DemoState) -> list[SizeRow]:
     return rows
 
 
-def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure], stages: list[StageTiming],
-                   command: str, random_ranking: dict[str, dict[str, float]]) -> ReportContent:
+def report_content(state: DemoState, rows: list[TableRow], raw_rows: list[TableRow], claims: list[Claim],
+                   figures: list[Figure], stages: list[StageTiming], command: str,
+                   random_ranking: dict[str, dict[str, float]]) -> ReportContent:
+    """rows / raw_rows: table_rows with and without whitening; claims: paper_claims of them."""
     datasets = list(TEST_DATASETS)
-    raw_rows = table_rows(state, "raw")
-    claims = format_claims(paper_claims(state, rows, raw_rows, random_ranking))
     raw_caption = ("The same networks without whitening (raw descriptors). On small synthetic sets learned "
                    "whitening can lower the scores (docs/TRAINING.md, \"Why learned whitening does not help "
                    "here\").")
@@ -297,5 +297,6 @@ def report_content(state: DemoState, rows: list[TableRow], figures: list[Figure]
               "unrelated to the teacher's), as in the paper."), random_ranking_note(random_ranking)]
     return ReportContent(title=f"amldist demo ({state.settings.name})", command=command,
                          setup=setup_lines(state.settings, state), table_text=format_table(rows, datasets),
-                         table_markdown=format_markdown(rows, datasets), notes=notes, claims=claims,
+                         table_markdown=format_markdown(rows, datasets), notes=notes,
+                         claims=format_claims(claims),
                          extra_tables=[sizes, raw, times], figures=figures, runs=runs, stages=stages)

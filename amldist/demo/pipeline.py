@@ -16,6 +16,7 @@ from pathlib import Path
 
 from amldist.atomic import atomic_write_json
 from amldist.demo import assemble
+from amldist.demo.claims import format_claims
 from amldist.demo.evaluation import eval_stage
 from amldist.demo.report import StageTiming, write_report
 from amldist.demo.settings import STUDENT_RUNS, TEACHER_RUN, DemoSettings
@@ -113,17 +114,18 @@ def run_demo(settings: DemoSettings, force: Iterable[str] = (), command: str = "
 
             ray.shutdown()
     printer.run("eval", lambda: eval_stage(state), state)
-    outcome: dict[str, str] = {}
+    outcome: dict = {}  # what the report stage made, for the final report and the printout
     printer.run("report", lambda: _report(state, printer.timings, command, outcome), state)
     write_report(settings.report_dir, assemble.report_content(  # again, with the report stage's own time
-        state, outcome["rows"], outcome["figures"], printer.timings, command, outcome["random_ranking"]))
+        state, outcome["rows"], outcome["raw_rows"], outcome["claims"], outcome["figures"], printer.timings,
+        command, outcome["random_ranking"]))
     echo("")
     echo(outcome["table_text"])
     echo("")
     echo(assemble.random_ranking_note(outcome["random_ranking"]))
     echo("")
     echo("The paper's claims, read from this table:")
-    for line in outcome["claims"]:
+    for line in format_claims(outcome["claims"]):
         echo(f"  {line}")
     echo(f"report: {settings.report_dir / 'report.md'}")
     return DemoResult(outcome["table_text"], str(settings.report_dir), printer.timings)
@@ -144,8 +146,9 @@ def _report(state: DemoState, timings: list[StageTiming], command: str, outcome:
     claims = assemble.paper_claims(state, rows, raw_rows, random_ranking)
     assemble.write_table_json(folder, rows, raw_rows, random_ranking, claims)
     figures = assemble.build_figures(state, folder)
-    content = assemble.report_content(state, rows, figures, timings, command, random_ranking)
+    content = assemble.report_content(state, rows, raw_rows, claims, figures, timings, command,
+                                      random_ranking)
     write_report(folder, content)
-    outcome.update(rows=rows, figures=figures, table_text=content.table_text, random_ranking=random_ranking,
-                   claims=content.claims)
+    outcome.update(rows=rows, raw_rows=raw_rows, claims=claims, figures=figures,
+                   table_text=content.table_text, random_ranking=random_ranking)
     return BUILT, f"{folder / 'report.md'}, {len(figures)} figures"

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from amldist.loopback_s3 import free_port
+from amldist.loopback_s3 import free_ports
 
 PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
               "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -83,7 +83,8 @@ def wait_for_port(port: int, timeout_s: float) -> None:
 def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
     # Short: Ray's unix sockets live below it and socket paths are limited to ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="amlray", dir="/tmp")
-    ports = {flag: free_port() for flag in PORT_FLAGS}
+    # Distinct ports: Ray refuses to start when two of its components are given the same one.
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, **(extra_env or {}), "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled"}

@@ -16,7 +16,7 @@ import pytest
 from ray_head import stop_head
 from train_data import make_config, make_train_data
 
-from amldist.loopback_s3 import free_port
+from amldist.loopback_s3 import free_ports
 from amldist.training.state import CHECKPOINT_FILE
 from amldist.wandb_log import read_metrics
 
@@ -38,9 +38,10 @@ def cluster(monkeypatch):
     temp_dir = tempfile.mkdtemp(prefix="amlcl", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", temp_dir)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    head_args = {"num_cpus": 0, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-                 "include_dashboard": True, "dashboard_agent_listen_port": free_port(),
-                 "ray_client_server_port": free_port()}
+    dashboard, agent, client = free_ports(3)  # distinct: Ray refuses a shared port
+    head_args = {"num_cpus": 0, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+                 "include_dashboard": True, "dashboard_agent_listen_port": agent,
+                 "ray_client_server_port": client}
     nodes = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         miner = nodes.add_node(num_cpus=0, resources={"miner": 1})

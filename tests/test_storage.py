@@ -18,7 +18,7 @@ from amldist.shards import ShardReader, read_manifest, stream_samples
 from amldist.shards.manifest import check_shard_files
 
 pytest.importorskip("moto")
-from amldist.loopback_s3 import loopback_s3
+from amldist.loopback_s3 import free_ports, loopback_s3
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,16 @@ def uploaded(s3, tmp_path_factory):
     assert files == 4 + 4 + 2  # 4 tars, their 4 part records, index.npy, manifest.json
     storage.upload_tree(store.directory, "s3://data/store")
     return root
+
+
+def test_free_ports_are_distinct_and_free():
+    import socket
+
+    ports = free_ports(64)  # e.g. the nine ports of a test's Ray head: two alike and Ray refuses to start
+    assert len(set(ports)) == 64 and all(0 < port < 65536 for port in ports)
+    for port in ports[:8]:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", port))
 
 
 def test_locations_and_the_endpoint_from_the_environment(s3, tmp_path):
